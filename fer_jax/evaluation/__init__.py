@@ -1,1 +1,1 @@
-
+"""Evaluation: metrics from predictions and figures."""

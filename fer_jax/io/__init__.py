@@ -1,1 +1,1 @@
-
+"""Host-side I/O: orbax checkpoints, metric writers, progress reporting."""

@@ -1,1 +1,1 @@
-
+"""Jitted per-method update functions (one module per method)."""

@@ -1,0 +1,1 @@
+"""Experiment configs: `get_config(arg)` per file; see WORKSPACE.md for the list."""

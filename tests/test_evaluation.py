@@ -1,0 +1,50 @@
+"""Metrics checked against hand-computed values; the confusion-matrix figure is a real PNG."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fer_jax.evaluation import metrics, plots
+
+
+def test_confusion_matrix_counts():
+    labels = np.array([0, 0, 1, 1, 1, 2])
+    preds = np.array([0, 1, 1, 1, 0, 0])
+    cm = metrics.confusion_matrix(labels, preds, 3)
+    np.testing.assert_array_equal(cm, [[1, 1, 0], [1, 2, 0], [1, 0, 0]])
+
+
+def test_report_by_hand():
+    # Class 0: tp 1, predicted 3, support 2 -> P 1/3, R 1/2, F1 0.4.
+    # Class 1: tp 2, predicted 3, support 3 -> P 2/3, R 2/3, F1 2/3.
+    # Class 2: tp 0, predicted 0, support 1 -> P 0 (zero division), R 0, F1 0.
+    cm = metrics.confusion_matrix(np.array([0, 0, 1, 1, 1, 2]), np.array([0, 1, 1, 1, 0, 0]), 3)
+    r = metrics.classification_report(cm, ["a", "b", "c"])
+    assert r["accuracy"] == pytest.approx(3 / 6)
+    assert r["per_class"]["a"]["precision"] == pytest.approx(1 / 3)
+    assert r["per_class"]["a"]["f1"] == pytest.approx(0.4)
+    assert r["per_class"]["b"]["recall"] == pytest.approx(2 / 3)
+    assert r["per_class"]["c"]["support"] == 1 and r["per_class"]["c"]["f1"] == 0
+    assert r["macro"]["precision"] == pytest.approx((1 / 3 + 2 / 3 + 0) / 3)
+    assert r["macro"]["f1"] == pytest.approx((0.4 + 2 / 3 + 0) / 3)
+    assert r["micro"]["f1"] == pytest.approx(0.5)
+
+
+def test_macro_skips_classes_absent_everywhere():
+    cm = metrics.confusion_matrix(np.array([0, 1]), np.array([0, 1]), 4)
+    r = metrics.classification_report(cm)
+    assert r["macro"]["f1"] == 1.0  # Classes 2 and 3 neither occur nor are predicted.
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="must lie in"):
+        metrics.confusion_matrix(np.array([0, 5]), np.array([0, 1]), 3)
+    with pytest.raises(ValueError, match="equal length"):
+        metrics.confusion_matrix(np.array([0, 1]), np.array([0]), 3)
+
+
+def test_confusion_png(tmp_path):
+    cm = np.array([[5, 1], [2, 7]])
+    path = plots.save_confusion_matrix(cm, ["anger", "happiness"], tmp_path / "cm.png", title="t")
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] > 100

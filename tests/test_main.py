@@ -1,0 +1,142 @@
+"""The entry point end to end: config errors before any work, runlocal outputs, exact resume."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = ["--config.train.num_steps=24", "--config.checkpoint_every_steps=8",
+        "--config.log_every_steps=4", "--config.data.synthetic.num_subjects=6",
+        "--config.data.synthetic.images_per_class=4", "--config.data.synthetic.test_subjects=2"]
+
+
+def _main(workdir, *args, timeout=300):
+    cmd = [sys.executable, "-m", "fer_jax.main", f"--workdir={workdir}", *args]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _config(arg="runlocal", **overrides):
+    sys.path.insert(0, str(REPO))
+    from configs import supervised
+
+    config = supervised.get_config(arg)
+    for key, value in overrides.items():
+        node = config
+        *path, leaf = key.split(".")
+        for p in path:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def _final_params(workdir):
+    from fer_jax.io.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(workdir, every_steps=1)
+    step = ckpt.latest_step()
+    state = ckpt._manager.restore(step)
+    ckpt.close()
+    return step, state
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config=configs/supervised.py", "--config.train.nope=1"], "nope"),
+    (["--config=configs/supervised.py", "--config.train.optimizer=rmsprop"],
+     "config.train.optimizer='rmsprop': expected one of"),
+    (["--config=configs/supervised.py:data=imagenet"], "config.data.name='imagenet'"),
+    (["--config=configs/supervised.py:bogus"], "unknown config argument 'bogus'"),
+    (["--config=configs/supervised.py", "--config.augment.flip=2.0"], "augment.flip"),
+])
+def test_bad_config_fails_before_any_work(tmp_path, args, message):
+    workdir = tmp_path / "run"
+    result = _main(workdir, *args)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-2000:]
+    assert not workdir.exists()  # Nothing was written.
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path):
+    result = _main(tmp_path / "run", "--config=configs/supervised.py:data=fer2013",
+                   f"--config.data.manual_dir={tmp_path / 'nowhere'}")
+    assert result.returncode != 0
+    assert "nowhere" in result.stderr and "fer2013.csv" in result.stderr, result.stderr[-2000:]
+
+
+def test_runlocal_writes_outputs_and_resumes(tmp_path):
+    from fer_jax.experiments import supervised
+    from fer_jax.io.metrics import read_jsonl
+
+    config = _config(**{"train.num_steps": 24, "checkpoint_every_steps": 8,
+                        "log_every_steps": 4})
+    results = supervised.run(config, str(tmp_path))
+    for name in ("config.json", "eval.json", "metrics.jsonl", "confusion_matrix.png"):
+        assert (tmp_path / name).is_file(), name
+    assert list((tmp_path / "tb").iterdir()), "no TensorBoard events"
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records if "train/loss" in r] == list(range(4, 25, 4))
+    assert 0.0 <= results["test"]["accuracy"] <= 1.0
+    assert json.loads((tmp_path / "eval.json").read_text())["steps"] == 24
+    step, first = _final_params(tmp_path)
+    assert step == 24
+
+    # Drop the final checkpoint: the rerun must resume from step 16 and end on identical params.
+    import shutil
+
+    shutil.rmtree(tmp_path / "checkpoints" / "24")
+    assert _final_params(tmp_path)[0] == 16
+    supervised.run(config, str(tmp_path))
+    step, second = _final_params(tmp_path)
+    assert step == 24
+    for a, b in zip(_leaves(first["params"]), _leaves(second["params"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    from fer_jax.experiments import supervised
+
+    supervised.run(_config(**{"train.num_steps": 8, "checkpoint_every_steps": 8}), str(tmp_path))
+    bad = _config(**{"train.num_steps": 40, "checkpoint_every_steps": 8, "log_every_steps": 4,
+                     "train.learning_rate": 1e38, "train.warmup_epochs": 0.0,
+                     "train.optimizer": "sgd"})
+    with pytest.raises(FloatingPointError, match="last good checkpoint \\(step 8\\)"):
+        supervised.run(bad, str(tmp_path))
+    step, state = _final_params(tmp_path)
+    assert step == 8
+    assert all(np.isfinite(x).all() for x in _leaves(state["params"]))
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_identical_params(tmp_path):
+    args = ["--config=configs/supervised.py:runlocal", *TINY]
+    straight = _main(tmp_path / "straight", *args)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    killed_dir = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "fer_jax.main", f"--workdir={killed_dir}", *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (killed_dir / "checkpoints" / "8").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed_dir / "checkpoints" / "24").exists(), "the run finished before the kill"
+    resumed = _main(killed_dir, *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from the checkpoint" in resumed.stderr
+    (_, a), (_, b) = _final_params(tmp_path / "straight"), _final_params(killed_dir)
+    for x, y in zip(_leaves(a["params"]), _leaves(b["params"]), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def _leaves(tree):
+    import jax
+
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
