@@ -94,3 +94,10 @@ def get_config(arg=None):
             dict(_MODEL_KWARGS[arg.model], **({"widths": (16, 32, 64)}
                                               if arg.model == "small_cnn" else {})))
     return config
+
+
+def get_sweep(arg=None):
+    """Overrides for `launch/sweep.py`: learning rate x weight decay on the chosen dataset."""
+    del arg
+    return [{"train.learning_rate": lr, "train.weight_decay": wd}
+            for lr in (3e-4, 1e-3, 3e-3) for wd in (0.0, 1e-4)]
