@@ -1,0 +1,217 @@
+"""Federated round throughput on this machine: fer_jax.federated vs a centralized jitted loop.
+
+For cohorts of 10, 100 and 1,000 clients (small CNN and an MLP on 48x48x1 inputs, batch 16, one
+local epoch, client sizes uniform or log-normal, a lazily generated population of 100,000
+clients) it measures seconds per round (median of --repeats rounds after one warm-up round),
+compile time (first round minus the median), client updates/s, useful examples/s, padding
+efficiency, peak RSS, and the ratio of useful examples/s to a centralized jitted training loop
+of the same model, batch size and examples. --backends compares sequential / chunked / vmap
+client layouts; --scaling compares peak RSS for populations of 1,000 and 100,000 clients.
+Every configuration runs in its own subprocess so compile time and peak RSS are its own.
+
+  python benchmarks/federated_throughput.py                  # full table (long on 2 cores)
+  python benchmarks/federated_throughput.py --quick          # cohorts 10 and 100, 3 repeats
+Writes benchmarks/results/federated_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import resource
+import subprocess
+import sys
+import time
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "federated_throughput.json"
+SIZES = {"uniform": dict(size_distribution="uniform", min_size=8, max_size=40),
+         "lognormal": dict(size_distribution="lognormal", min_size=2, max_size=64,
+                           median_size=16.0, sigma=0.6)}
+BATCH = 16
+# Client layouts (clients per call K, vmap width V, unrolls); "auto" is the measured CPU choice.
+BACKENDS = {
+    "sequential": dict(k=1, vmap=1, step_unroll=True, group_unroll=True),
+    "chunked": dict(k=4, vmap=1, step_unroll=True, group_unroll=True),
+    "vmap": dict(k=None, vmap=None, step_unroll=True, group_unroll=True),
+    "chunked_vmap": dict(k=16, vmap=16, step_unroll=True, group_unroll=True),
+}
+AUTO = {"cnn": "chunked", "mlp": "sequential"}
+
+
+def build_model(name):
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    if name == "cnn":
+        try:
+            from fer_jax.models import get_model
+            return get_model("small_cnn", num_classes=7), "fer_jax.models small_cnn"
+        except (ImportError, KeyError, ValueError):
+            pass
+
+    class MLP(nn.Module):
+        """2304-128-7 on images scaled to [0, 1]."""
+
+        @nn.compact
+        def __call__(self, x, *, train):
+            del train
+            x = x.reshape(x.shape[0], -1).astype(jnp.float32) / 255.0
+            return {"logits": nn.Dense(7)(nn.relu(nn.Dense(128)(x)))}
+
+    if name == "mlp":
+        return MLP(), "MLP 2304-128-7"
+    raise ValueError(f"unknown model {name!r}")
+
+
+def run_one(model_name, dist, cohort, backend_name, population_size, repeats):
+    """One configuration in this process; returns a dict of measurements."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from fer_jax import federated as fl
+
+    model, model_desc = build_model(model_name)
+    population = fl.SyntheticPopulation(population_size, seed=0, **SIZES[dist])
+    b = BACKENDS[backend_name]
+    k = b["k"] or cohort
+    vmap = b["vmap"] or cohort
+    loss_fn = fl.classifier_loss(model.apply)
+    method = fl.SupervisedClient(loss_fn, optax.sgd(0.05))
+    max_steps = -(-SIZES[dist]["max_size"] // BATCH)
+    engine = fl.FederatedEngine(
+        method, packing=fl.PackingConfig(batch_size=BATCH, step_buckets=tuple(
+            range(1, max_steps + 1)), clients_per_call=k),
+        backend=fl.RoundBackend(vmap_width=vmap, step_unroll=b["step_unroll"],
+                                group_unroll=b["group_unroll"]),
+        mesh=fl.clients_mesh(jax.devices()[:1]))
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 48, 48, 1), jnp.uint8),
+                           train=False)
+    state = engine.init(variables)
+    sampler = fl.CohortSampler(population_size, cohort)
+    key = jax.random.PRNGKey(0)
+    times, effs, updates, useful = [], [], [], []
+    for r in range(repeats + 1):
+        plan = engine.plan(population, sampler.sample(0, r))
+        t0 = time.perf_counter()
+        state, result = engine.run_round(state, population, plan, key)
+        jax.block_until_ready(state)
+        times.append(time.perf_counter() - t0)
+        effs.append(result.padding_efficiency)
+        updates.append(result.client_updates)
+        useful.append(result.useful_examples)
+    med = float(np.median(times[1:]))
+    fed_rate = float(np.mean(useful[1:])) / med
+
+    # Centralized baseline: the last cohort's examples, batches of 16, one jitted step each.
+    ids = plan.client_ids
+    sizes = population.sizes(ids)
+    index = np.where(np.arange(sizes.max())[None] < sizes[:, None], np.arange(sizes.max()), -1)
+    data = population.gather(ids, index)
+    valid = index >= 0
+    images, labels = data["image"][valid], data["label"][valid]
+    n = len(labels) // BATCH * BATCH
+    opt = optax.sgd(0.05)
+    params, model_state = variables["params"], {k_: v for k_, v in variables.items()
+                                                 if k_ != "params"}
+
+    def step(carry, batch, dkey):
+        params, model_state, opt_state = carry
+        (_, (model_state, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, model_state, batch, jnp.ones(BATCH, bool), dkey)
+        upd, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, upd), model_state, opt_state
+
+    step = jax.jit(step, donate_argnums=0)
+    carry = (params, model_state, opt.init(params))
+    batches = [{"image": images[i:i + BATCH], "label": labels[i:i + BATCH]}
+               for i in range(0, n, BATCH)]
+    carry = step(carry, batches[0], key)  # compile
+    central = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for i, batch in enumerate(batches):
+            carry = step(carry, batch, jax.random.fold_in(key, i))
+        jax.block_until_ready(carry)
+        central.append(time.perf_counter() - t0)
+    central_rate = n / float(np.median(central))
+    return {
+        "model": model_name, "model_desc": model_desc, "sizes": dist, "cohort": cohort,
+        "backend": backend_name, "clients_per_call": k, "vmap_width": vmap,
+        "population": population_size, "rounds_timed": repeats,
+        "s_per_round": med, "round_times": times, "compile_s": times[0] - med,
+        "client_updates_per_s": float(np.mean(updates[1:])) / med,
+        "useful_examples_per_s": fed_rate, "padding_efficiency": float(np.mean(effs[1:])),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "central_examples_per_s": central_rate, "ratio_vs_central": fed_rate / central_rate,
+    }
+
+
+def spawn(args_list):
+    out = subprocess.run([sys.executable, __file__, "--one", json.dumps(args_list)],
+                         capture_output=True, text=True, check=False)
+    if out.returncode:
+        print(out.stderr[-3000:], file=sys.stderr)
+        return {"config": args_list, "error": out.stderr[-500:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def row(r):
+    if "error" in r:
+        return f"{r['config']}: ERROR"
+    return (f"{r['model']:4s} {r['sizes']:9s} {r['cohort']:5d} {r['backend']:12s} "
+            f"{r['population']:7d} {r['s_per_round']:8.3f} {r['compile_s']:7.1f} "
+            f"{r['client_updates_per_s']:8.1f} {r['useful_examples_per_s']:8.0f} "
+            f"{r['padding_efficiency']:5.2f} {r['peak_rss_mb']:7.0f} "
+            f"{r['central_examples_per_s']:8.0f} {r['ratio_vs_central']:5.2f}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--models", default="cnn,mlp")
+    ap.add_argument("--dists", default="uniform,lognormal")
+    ap.add_argument("--cohorts", default="10,100,1000")
+    ap.add_argument("--population", type=int, default=100_000)
+    ap.add_argument("--backends", action="store_true", help="compare client layouts at C=32")
+    ap.add_argument("--scaling", action="store_true", help="peak RSS vs population size")
+    ap.add_argument("--no-main", action="store_true", help="skip the main table")
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(run_one(*json.loads(args.one))))
+        return
+    cohorts = [10, 100] if args.quick else [int(c) for c in args.cohorts.split(",")]
+    repeats = 3 if args.quick else args.repeats
+    configs = []
+    if not args.no_main:
+        configs += [[m, d, c, AUTO[m], args.population, repeats] for m in args.models.split(",")
+                    for d in args.dists.split(",") for c in cohorts]
+    if args.backends:
+        configs += [[m, "uniform", 32, b, args.population, repeats]
+                    for m in args.models.split(",") for b in BACKENDS]
+    if args.scaling:
+        configs += [["mlp", "uniform", 100, AUTO["mlp"], n, repeats] for n in (1_000, 100_000)]
+    print("model sizes     C     backend      populat  s/round compile upd/s    ex/s     "
+          "eff   RSS_MB  central  ratio", flush=True)
+    results = []
+    previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": []}
+    for cfg in configs:
+        r = spawn(cfg)
+        results.append(r)
+        print(row(r), flush=True)
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        # Keep earlier runs of other configurations; replace same-configuration entries.
+        keep = [p for p in previous["runs"] if p.get("config", [p.get("model"), p.get("sizes"),
+                p.get("cohort"), p.get("backend"), p.get("population")])[:5]
+                not in [q.get("config", [q.get("model"), q.get("sizes"), q.get("cohort"),
+                        q.get("backend"), q.get("population")])[:5] for q in results]]
+        RESULTS.write_text(json.dumps({"machine": "2-core CPU VM (shared)", "batch": BATCH,
+                                       "runs": keep + results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

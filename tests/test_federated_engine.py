@@ -1,0 +1,195 @@
+"""Engine properties: aggregation, sharding, recompilation, bad inputs, partial federation,
+resume, sampling and lazy populations (issue 4, items 2-7)."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from test_federated_round import SIZES, build_engine, make_population, to_np
+
+from fer_jax import federated as fl
+
+
+def run(engine, variables, population, cohorts, key=0, **kw):
+    state = engine.init(variables)
+    results = []
+    for cohort in cohorts:
+        state, res = engine.run_round(state, population, engine.plan(population, cohort),
+                                      jax.random.PRNGKey(key), **kw)
+        results.append(res)
+    return state, results
+
+
+def test_weighted_mean_masks_zero_weight_and_rejects_bad_weights():
+    x = {"a": np.array([[1.0, 2.0], [np.nan, np.inf], [3.0, 6.0]], np.float32)}
+    out = fl.weighted_mean(x, np.array([1.0, 0.0, 3.0]))
+    np.testing.assert_allclose(out["a"], [2.5, 5.0])
+    with pytest.raises(ValueError, match="all client weights are zero"):
+        fl.weighted_mean(x, np.zeros(3))
+    with pytest.raises(ValueError, match="leading client axis"):
+        fl.weighted_mean(x, np.ones(2))
+    with pytest.raises(ValueError, match=">= 0"):
+        fl.weighted_mean(x, np.array([1.0, -1.0, 1.0]))
+
+
+def test_eight_devices_match_one_device():
+    assert jax.device_count() == 8, "conftest forces 8 host devices"
+    _, population = make_population()
+    cohorts = [[0, 1, 2, 3, 4, 5, 6]]
+    one, _ = build_engine(clients_per_call=8)
+    eight, variables = build_engine(clients_per_call=8, mesh=fl.clients_mesh())
+    s1, _ = run(one, variables, population, cohorts)
+    s8, _ = run(eight, variables, population, cohorts)
+    assert s8.variables["params"]["head"]["kernel"].sharding.mesh.size == 8
+    for k, v in to_np(s1.variables).items():
+        np.testing.assert_allclose(to_np(s8.variables)[k], v, atol=1e-6, rtol=1e-5)
+
+
+def test_no_recompilation_across_rounds():
+    _, population = make_population()
+    engine, variables = build_engine(weighting="uniform")
+    state = engine.init(variables)
+    sizes = []
+    for r, cohort in enumerate([[0, 2, 3], [4, 5, 6, 1], [3, 6], [2, 0, 5, 4], [1, 3]]):
+        state, _ = engine.run_round(state, population, engine.plan(population, cohort),
+                                    jax.random.PRNGKey(0))
+        sizes.append(fl.client_chunk._cache_size())
+        if r == 0:
+            first = fl.server_update._cache_size()
+    # Two step buckets (3, 9) -> at most two client_chunk shapes; one server_update.
+    assert sizes[-1] - sizes[0] <= 1
+    assert fl.server_update._cache_size() == first
+
+
+def test_bad_inputs_raise_clear_errors():
+    _, population = make_population()
+    engine, _ = build_engine()
+    with pytest.raises(ValueError, match="empty cohort"):
+        engine.plan(population, [])
+    with pytest.raises(ValueError, match="zero examples"):
+        engine.plan(population, [1])
+    small = dataclasses.replace(engine.packing, step_buckets=(1, 2, 4))
+    with pytest.raises(ValueError, match=r"clients \[3\] have \[33\] examples, more than"):
+        fl.plan_cohort([0, 3], population.sizes([0, 3]), small)
+    with pytest.raises(ValueError, match="outside"):
+        population.sizes([len(SIZES)])
+    with pytest.raises(ValueError, match="weighting"):
+        build_engine(weighting="median")
+
+
+def nan_population():
+    clients, _ = make_population()
+    clients[3]["image"][7] = np.nan
+    return fl.ArrayPopulation.from_clients(clients)
+
+
+def test_nan_client_is_reported_and_state_kept():
+    population = nan_population()
+    engine, variables = build_engine()
+    state = engine.init(variables)
+    before = to_np(state.variables)
+    with pytest.raises(fl.NonFiniteClientError, match=r"clients \[3\]") as info:
+        engine.run_round(state, population, engine.plan(population, [0, 3, 5]),
+                         jax.random.PRNGKey(0))
+    assert info.value.client_ids == [3]
+    after = to_np(info.value.state.variables)
+    for k in before:
+        np.testing.assert_array_equal(after[k], before[k])
+    assert int(info.value.state.round) == 0
+
+
+def test_nan_client_dropped_on_request():
+    engine, variables = build_engine(on_nonfinite="drop")
+    dropped, results = run(engine, variables, nan_population(), [[0, 3, 5]])
+    assert results[0].nonfinite_client_ids == [3]
+    _, population = make_population()
+    clean, _ = run(engine, variables, population, [[0, 5]])
+    for k, v in to_np(clean.variables).items():
+        np.testing.assert_allclose(to_np(dropped.variables)[k], v, atol=1e-6)
+
+
+def test_partial_federation_local_head_and_frozen_body():
+    _, population = make_population()
+    head_local = fl.regex_filter([("params/head/.*", fl.LOCAL)], default=fl.FEDERATED)
+    engine, variables = build_engine(param_filter=head_local)
+    store = fl.LocalStore(engine.local_template(variables), population.num_clients)
+    state, _ = run(engine, variables, population, [[0, 2]], local_store=store)
+    got, init = to_np(state.variables), to_np(variables)
+    np.testing.assert_array_equal(got["w2"], init["w2"])  # server head untouched
+    assert not np.allclose(got["w1"], init["w1"])          # body federated
+    assert store.seen[[0, 2]].all() and not store.seen[[3, 4]].any()
+    head0 = store.values["params"]["head"]["kernel"][0].copy()
+    assert not np.allclose(head0, init["w2"])
+    # A later visit starts from the stored head: client 0's head keeps training from head0.
+    state, _ = engine.run_round(state, population, engine.plan(population, [0]),
+                                jax.random.PRNGKey(0), local_store=store)
+    assert not np.allclose(store.values["params"]["head"]["kernel"][0], head0)
+    with pytest.raises(ValueError, match="local_store"):
+        engine.run_round(state, population, engine.plan(population, [0]), jax.random.PRNGKey(0))
+
+    frozen_body = fl.regex_filter([("params/hidden/.*", fl.FROZEN)])
+    engine, variables = build_engine(param_filter=frozen_body)
+    state, _ = run(engine, variables, population, [[0, 2]])
+    got = to_np(state.variables)
+    np.testing.assert_array_equal(got["w1"], init["w1"])
+    assert not np.allclose(got["w2"], init["w2"])
+
+
+def test_resumed_run_equals_uninterrupted(tmp_path):
+    _, population = make_population()
+    sampler = fl.CohortSampler(len(SIZES), 4)
+    engine, variables = build_engine(server="fedavgm", clients_per_call=2)
+    seed, key = 3, jax.random.PRNGKey(5)
+
+    def rounds(state, sstate, n):
+        for _ in range(n):
+            ids, sstate = sampler.next(sstate)
+            if population.sizes(ids).sum() == 0:
+                continue
+            state, _ = engine.run_round(state, population, engine.plan(population, ids), key,
+                                        seed=seed)
+        return state, sstate
+
+    full, _ = rounds(engine.init(variables), fl.SamplerState(seed), 4)
+    part, sstate = rounds(engine.init(variables), fl.SamplerState(seed), 2)
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(tmp_path / "ck", {"server": part, "sampler": dataclasses.asdict(sstate),
+                                "key": np.asarray(key)})
+    ckpt.wait_until_finished()
+    like = {"server": engine.init(variables), "sampler": dataclasses.asdict(sstate),
+            "key": np.asarray(key)}
+    restored = ckpt.restore(tmp_path / "ck", jax.tree.map(ocp.utils.to_shape_dtype_struct, like))
+    state = engine.place(restored["server"])  # back on the mesh
+    resumed, _ = rounds(state, fl.SamplerState(**{k: int(v) for k, v in
+                                                  restored["sampler"].items()}), 2)
+    assert int(resumed.round) == int(full.round) == 4
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(full), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sampler_reproducible_and_without_replacement():
+    s = fl.CohortSampler(1000, 50)
+    a, b = s.sample(7, 3), s.sample(7, 3)
+    np.testing.assert_array_equal(a, b)
+    assert len(set(a.tolist())) == 50 and not np.array_equal(a, s.sample(7, 4))
+    e = fl.CohortSampler(100, 10, mode="epoch")
+    seen = np.concatenate([e.sample(0, r) for r in range(10)])
+    assert sorted(seen.tolist()) == list(range(100))
+    with pytest.raises(ValueError, match="cohort_size"):
+        fl.CohortSampler(10, 11)
+
+
+def test_lazy_population_memory_is_independent_of_size():
+    small = fl.SyntheticPopulation(1_000, size_distribution="lognormal", max_size=64)
+    huge = fl.SyntheticPopulation(100_000, size_distribution="lognormal", max_size=64)
+    nbytes = lambda p: sum(v.nbytes for v in vars(p).values() if isinstance(v, np.ndarray))
+    assert nbytes(small) == nbytes(huge)
+    ids = np.array([0, 99_999, 54_321])
+    sizes = huge.sizes(ids)
+    assert ((sizes >= 2) & (sizes <= 64)).all()
+    index = np.where(np.arange(8) < sizes[:, None], np.arange(8), -1)
+    batch = huge.gather(ids, index)
+    assert batch["image"].shape == (3, 8, 48, 48, 1)
+    np.testing.assert_array_equal(huge.gather(ids, index)["image"], batch["image"])
