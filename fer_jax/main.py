@@ -8,6 +8,7 @@ Overrides: `--config.train.batch_size=32`. Config arguments: `configs/supervised
 
 from __future__ import annotations
 
+import logging as pylogging
 import os
 
 from absl import app, flags, logging
@@ -35,9 +36,18 @@ def _initialize_distributed() -> None:
     jax.distributed.initialize(**kwargs)
 
 
+def _quiet_library_info_logs() -> None:
+    """Drops INFO lines of orbax (a dozen per checkpoint) so the run's own log stays readable."""
+    def keep(record) -> bool:
+        return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+
+    logging.get_absl_handler().addFilter(keep)
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    _quiet_library_info_logs()
     from fer_jax import experiments
 
     config = _CONFIG.value

@@ -30,7 +30,8 @@ class Split:
         n = len(self.images)
         if self.images.ndim != 4 or self.images.dtype != np.uint8:
             raise ValueError(
-                f"Split.images must be (N, H, W, C) uint8, got {self.images.shape} {self.images.dtype}"
+                f"Split.images must be (N, H, W, C) uint8, got {self.images.shape} "
+                f"{self.images.dtype}"
             )
         for name in ("labels", "subjects", "label_dist"):
             value = getattr(self, name)
@@ -65,5 +66,6 @@ class Dataset:
 
     def __getitem__(self, split: str) -> Split:
         if split not in self.splits:
-            raise KeyError(f"dataset {self.name!r} has no split {split!r}; it has {sorted(self.splits)}")
+            raise KeyError(f"dataset {self.name!r} has no split {split!r}; it has "
+                           f"{sorted(self.splits)}")
         return self.splits[split]

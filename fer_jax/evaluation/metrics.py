@@ -28,7 +28,7 @@ def confusion_matrix(labels, predictions, num_classes: int) -> np.ndarray:
 
 
 def classification_report(cm: np.ndarray, class_names=None) -> dict:
-    """Accuracy, per-class precision/recall/F1/support, macro and micro means of a confusion matrix."""
+    """Accuracy, per-class P/R/F1/support, macro and micro means of a confusion matrix."""
     cm = np.asarray(cm, np.float64)
     tp = np.diag(cm)
     support, predicted = cm.sum(1), cm.sum(0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 
-EXPERIMENTS = ("supervised",)
+EXPERIMENTS = ("supervised", "fedavg")
 
 
 def get(name: str):

@@ -165,7 +165,8 @@ def run(config, workdir: str) -> dict:
     progress = Progress(total_steps, desc="train", start=start)
     loss_sum, acc_sum, window, t0 = jnp.zeros(()), jnp.zeros(()), 0, time.perf_counter()
     for step in range(start, total_steps):
-        idx = np.sort(order.indices(step))  # Sorted gathers are faster; order within a batch is moot.
+        # Sorted gathers are faster; the order within a batch does not matter.
+        idx = np.sort(order.indices(step))
         state, m = train_step(state, {"image": train.images[idx], "label": train.labels[idx]})
         loss_sum, acc_sum, window = loss_sum + m["loss"], acc_sum + m["accuracy"], window + 1
         done = step + 1
@@ -189,7 +190,8 @@ def run(config, workdir: str) -> dict:
     cm, results["test"] = eval_split(test, "eval", total_steps)
     plots.save_confusion_matrix(cm, dataset.class_names, workdir / "confusion_matrix.png",
                                 title=f"{config.model.name} on {dataset.name} "
-                                      f"({config.data.eval_split}): acc {results['test']['accuracy']:.3f}")
+                                      f"({config.data.eval_split}): "
+                                      f"acc {results['test']['accuracy']:.3f}")
     results["confusion_matrix"] = cm.tolist()
     results["class_names"] = list(dataset.class_names)
     results["steps"] = total_steps

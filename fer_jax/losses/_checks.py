@@ -1,0 +1,46 @@
+"""Shape and argument checks shared by the loss modules.
+
+Shapes are static under `jax.jit`, so these checks run once at trace time and cost nothing
+per step. Values (labels in range, scores in [0, 1]) are not checked: they are traced, and a
+data-dependent check would need a host sync.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def check_ndim(x: jax.Array, ndim: int, *, name: str, expected: str) -> None:
+    """Raises ValueError unless `x` has rank `ndim`; `expected` spells the shape."""
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must have shape {expected}, got shape {x.shape}.")
+
+
+def check_integer(x: jax.Array, *, name: str) -> None:
+    """Raises ValueError unless `x` holds integers (class indices)."""
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise ValueError(f"{name} must hold integer class indices, got dtype {x.dtype}.")
+
+
+def check_positive(value, *, name: str, allow_zero: bool = False) -> None:
+    """Raises ValueError for a Python number that is not finite and positive.
+
+    Arrays pass unchecked: inside `jax.jit` even a constant becomes a tracer once jnp touches
+    it, and a traced hyperparameter (a scheduled temperature) cannot be inspected anyway.
+    """
+    if not isinstance(value, (int, float)):
+        return
+    ok = value >= 0 if allow_zero else value > 0
+    if not (math.isfinite(value) and ok):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be finite and {bound}, got {value}.")
+
+
+def sigmoid_bce(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Element-wise -[t log sigmoid(x) + (1 - t) log sigmoid(-x)] = softplus(x) - t x.
+
+    The softplus form never evaluates log(0), so it stays finite for |x| in the hundreds,
+    where log(sigmoid(x)) computed from probabilities would give -inf.
+    """
+    return jax.nn.softplus(logits) - targets * logits

@@ -1,0 +1,94 @@
+"""Few-shot relation learning: class prototypes and the relation-score MSE.
+
+FedAffect (Shome & Kar), Section 3.2, following Sung et al. 2018, *Learning to Compare:
+Relation Network for Few-Shot Learning*, Eq. (1)-(2):
+  * K > 1 shots: the support feature of class c is the **element-wise sum** of the embeddings
+    of its K support images (not the mean), x_c = sum_{k: y_k = c} f(x_k).
+  * The relation module scores each (query q, class c) pair in [0, 1] and is trained by
+
+        L_relation = 1/(Q C) sum_q sum_c (r_{q,c} - 1[y_q == y_c])^2.
+
+    FedAffect's Eq. (2) lost the square and the mean; PAPERS.md section 1 restores the MSE of
+    Sung et al. Eq. (2) (which sums; the mean only rescales the learning rate).
+"""
+
+import operator
+
+import jax
+import jax.numpy as jnp
+
+from fer_jax.losses import _checks
+
+
+def class_prototypes(
+    support_features: jax.Array,
+    support_labels: jax.Array,
+    num_classes: int,
+) -> jax.Array:
+    """Element-wise sum of the support embeddings of each class.
+
+    Args:
+      support_features: (S, ...) embeddings of S support images; any trailing shape (feature
+        maps stay maps, so the relation module can concatenate them depth-wise).
+      support_labels: (S,) integer class of each support image, in [0, num_classes).
+        Labels outside that range contribute to no class.
+      num_classes: C, a static Python int.
+
+    Returns:
+      (C, ...) per-class sums; a class with no support image gets zeros.
+    """
+    support_features = jnp.asarray(support_features)
+    support_labels = jnp.asarray(support_labels)
+    if support_features.ndim < 1:
+        raise ValueError(
+            f"support_features must have shape (S, ...), got shape {support_features.shape}."
+        )
+    _checks.check_ndim(support_labels, 1, name="support_labels", expected="(S,)")
+    _checks.check_integer(support_labels, name="support_labels")
+    if support_labels.shape[0] != support_features.shape[0]:
+        raise ValueError(
+            f"support_labels must have shape (S,) = ({support_features.shape[0]},) to match "
+            f"support_features {support_features.shape}, got {support_labels.shape}."
+        )
+    try:
+        num_classes = operator.index(num_classes)
+    except TypeError:
+        raise ValueError(f"num_classes must be a Python int, got {num_classes!r}.") from None
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
+    # segment_sum is a scatter-add: K shots of a class land in one row, in any order.
+    return jax.ops.segment_sum(support_features, support_labels, num_segments=num_classes)
+
+
+def relation_mse(
+    scores: jax.Array,
+    query_labels: jax.Array,
+    support_labels: jax.Array,
+) -> jax.Array:
+    """Mean squared error between relation scores and the match indicator.
+
+    Args:
+      scores: (Q, C) relation scores in [0, 1] (the relation module's sigmoid output) for
+        every query q and support class slot c.
+      query_labels: (Q,) integer class of each query.
+      support_labels: (C,) integer class of each support slot (usually arange(C)).
+
+    Returns:
+      Scalar mean over the Q * C pairs of (scores[q, c] - 1[query_labels[q] ==
+      support_labels[c]])^2.
+    """
+    scores = jnp.asarray(scores)
+    query_labels = jnp.asarray(query_labels)
+    support_labels = jnp.asarray(support_labels)
+    _checks.check_ndim(scores, 2, name="scores", expected="(Q, C)")
+    q, c = scores.shape
+    _checks.check_ndim(query_labels, 1, name="query_labels", expected=f"(Q,) = ({q},)")
+    _checks.check_ndim(support_labels, 1, name="support_labels", expected=f"(C,) = ({c},)")
+    if query_labels.shape[0] != q:
+        raise ValueError(f"query_labels must have shape (Q,) = ({q},), got {query_labels.shape}.")
+    if support_labels.shape[0] != c:
+        raise ValueError(
+            f"support_labels must have shape (C,) = ({c},), got {support_labels.shape}."
+        )
+    target = (query_labels[:, None] == support_labels[None, :]).astype(scores.dtype)
+    return jnp.mean(jnp.square(scores - target))
