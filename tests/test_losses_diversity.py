@@ -129,3 +129,17 @@ def test_vmap_over_layers_matches_loop():
 def test_bad_input_raises(fn, args, kwargs, match):
     with pytest.raises(ValueError, match=match):
         fn(*args, **kwargs)
+
+
+def test_similarity_gradient_matches_plain_autodiff():
+    # The custom JVP (inner-product tangent) against autodiff of the broadcast difference.
+    phi = _phi((5, 6, 4, 4), seed=9, scale=0.3)
+    weights = _phi((5, 5), seed=10)
+
+    def plain(p):
+        flat = p.reshape(5, 6, -1)
+        sq = jnp.sum(jnp.square(flat[:, None] - flat[None, :]), axis=-1)
+        return jnp.sum(weights * jnp.mean(jnp.exp(-0.5 * sq), axis=-1))
+
+    ours = jax.grad(lambda p: jnp.sum(weights * losses.rbf_similarity(p, gamma=0.5)))(phi)
+    np.testing.assert_allclose(ours, jax.grad(plain)(phi), rtol=1e-4, atol=1e-6)

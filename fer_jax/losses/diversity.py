@@ -54,12 +54,31 @@ def rbf_similarity(phi: jax.Array, *, gamma: float) -> jax.Array:
     if phi.ndim < 2:
         raise ValueError(f"phi must have shape (L, N, ...), got shape {phi.shape}.")
     _checks.check_positive(gamma, name="gamma", allow_zero=True)
-    flat = phi.reshape(phi.shape[0], phi.shape[1], -1)
-    # Differences, not ||a||^2 + ||b||^2 - 2ab: the expanded form cancels catastrophically for
-    # near-identical learners (exactly the regime the loss acts in) and misses exact zeros.
-    # XLA fuses the broadcast difference into the reduction: no (L, L, N, D) buffer forward.
-    sq_dist = jnp.sum(jnp.square(flat[:, None] - flat[None, :]), axis=-1)
+    sq_dist = _pairwise_sq_dist(phi.reshape(phi.shape[0], phi.shape[1], -1))
     return jnp.mean(jnp.exp(-gamma * sq_dist), axis=-1)
+
+
+@jax.custom_jvp
+def _pairwise_sq_dist(flat: jax.Array) -> jax.Array:
+    """(L, N, D) -> (L, L, N) squared distances ||a_l - a_k||^2 for every sample n.
+
+    The value uses differences, not ||a||^2 + ||b||^2 - 2 a.b: the expanded form cancels
+    catastrophically for near-identical learners (the regime the loss acts in) and misses the
+    exact zeros of identical ones. XLA fuses the broadcast difference into the reduction.
+    """
+    return jnp.sum(jnp.square(flat[:, None] - flat[None, :]), axis=-1)
+
+
+@_pairwise_sq_dist.defjvp
+def _pairwise_sq_dist_jvp(primals, tangents):
+    (a,), (da,) = primals, tangents
+    # d||a_l - a_k||^2 = 2 (a_l.da_l + a_k.da_k - a_l.da_k - a_k.da_l), written with inner
+    # products so that its transpose (the backward pass) is a batched matmul: autodiff of the
+    # broadcast difference materialises (L, L, N, D), 127 MiB and 0.5 s at L=15, N=64, 48x48.
+    self_dot = jnp.einsum("lnd,lnd->ln", a, da)
+    cross = jnp.einsum("lnd,knd->lkn", a, da)
+    tangent = 2.0 * (self_dot[:, None] + self_dot[None, :] - cross - jnp.swapaxes(cross, 0, 1))
+    return _pairwise_sq_dist(a), tangent
 
 
 def det_diversity(phi: jax.Array, *, gamma: float, eps: float = 0.0) -> jax.Array:
