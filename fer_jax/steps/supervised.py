@@ -34,12 +34,13 @@ def preprocess(images: jax.Array, *, image_size: int, channels: int) -> jax.Arra
     n, h, w, c = x.shape
     if (h, w) != (image_size, image_size):
         x = jax.image.resize(x, (n, image_size, image_size, c), method="bilinear")
-    if c != channels:
-        x = (jnp.repeat(x, channels, axis=-1) if c == 1 else
-             x.mean(axis=-1, keepdims=True) if channels == 1 else None)
-        if x is None:
-            raise ValueError(f"cannot convert {c}-channel images to {channels} channels")
-    return x
+    if c == channels:
+        return x
+    if c == 1:
+        return jnp.repeat(x, channels, axis=-1)  # Gray sources for RGB models.
+    if channels == 1:
+        return x.mean(axis=-1, keepdims=True)
+    raise ValueError(f"cannot convert {c}-channel images to {channels} channels")
 
 
 def init_state(model, tx: optax.GradientTransformation, *, seed: int,
