@@ -18,3 +18,26 @@ def shared_data():
     if not root.is_dir():
         pytest.skip(f"real FER data not found at {root} (set FER_JAX_SHARED_DATA)")
     return root
+
+
+def _make_config(name: str, arg: str | None = None, **overrides):
+    """configs/<name>.py's get_config(arg) with dotted-key overrides ('fed.rounds': 3)."""
+    import importlib
+    import sys
+
+    repo = str(pathlib.Path(__file__).resolve().parents[1])
+    if repo not in sys.path:
+        sys.path.insert(0, repo)
+    config = importlib.import_module(f"configs.{name}").get_config(arg)
+    for key, value in overrides.items():
+        node = config
+        *path, leaf = key.split(".")
+        for part in path:
+            node = node[part]
+        node[leaf] = value
+    return config
+
+
+@pytest.fixture
+def make_config():
+    return _make_config

@@ -1,32 +1,15 @@
 """configs/fedavg.py end to end: per-round metrics, partition report, exact resume, bad values."""
 
 import json
-import pathlib
 import shutil
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _config(**overrides):
-    sys.path.insert(0, str(REPO))
-    from configs import fedavg
-
-    config = fedavg.get_config("runlocal")
-    base = {"fed.rounds": 4, "fed.cohort_size": 3, "eval_every_rounds": 2,
-            "checkpoint_every_rounds": 2, "data.synthetic.num_subjects": 8,
-            "data.synthetic.images_per_class": 3, "data.synthetic.test_subjects": 2}
-    for key, value in {**base, **overrides}.items():
-        node = config
-        *path, leaf = key.split(".")
-        for p in path:
-            node = node[p]
-        node[leaf] = value
-    return config
+BASE = {"fed.rounds": 4, "fed.cohort_size": 3, "eval_every_rounds": 2,
+        "checkpoint_every_rounds": 2, "data.synthetic.num_subjects": 8,
+        "data.synthetic.images_per_class": 3, "data.synthetic.test_subjects": 2}
 
 
 def _params(workdir):
@@ -39,11 +22,11 @@ def _params(workdir):
     return step, [np.asarray(x) for x in jax.tree.leaves(state["variables"])]
 
 
-def test_fedavg_round_metrics_and_exact_resume(tmp_path):
+def test_fedavg_round_metrics_and_exact_resume(tmp_path, make_config):
     from fer_jax.experiments import fedavg
     from fer_jax.io.metrics import read_jsonl
 
-    config = _config()
+    config = make_config("fedavg", "runlocal", **BASE)
     fedavg.validate_config(config)
     fedavg.run(config, str(tmp_path))
     for name in ("config.json", "eval.json", "metrics.jsonl", "confusion_matrix.png",
@@ -74,16 +57,16 @@ def test_fedavg_round_metrics_and_exact_resume(tmp_path):
     ("fed.server_optimizer", "fedsgd", "config.fed.server_optimizer='fedsgd'"),
     ("fed.dirichlet_alpha", 0.0, "config.fed.dirichlet_alpha=0.0"),
 ])
-def test_bad_values_name_the_field(field, value, message):
+def test_bad_values_name_the_field(field, value, message, make_config):
     from fer_jax.experiments import fedavg
 
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
-        fedavg.validate_config(_config(**{field: value}))
+        fedavg.validate_config(make_config("fedavg", "runlocal", **BASE, **{field: value}))
 
 
-def test_subject_partition_needs_subject_ids():
+def test_subject_partition_needs_subject_ids(make_config):
     from fer_jax.experiments import fedavg
 
-    config = _config(**{"data.name": "fer2013"})
+    config = make_config("fedavg", "runlocal", **{**BASE, "data.name": "fer2013"})
     with pytest.raises(ValueError, match="iid or dirichlet"):
         fedavg.validate_config(config)

@@ -23,20 +23,6 @@ def _main(workdir, *args, timeout=300):
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def _config(arg="runlocal", **overrides):
-    sys.path.insert(0, str(REPO))
-    from configs import supervised
-
-    config = supervised.get_config(arg)
-    for key, value in overrides.items():
-        node = config
-        *path, leaf = key.split(".")
-        for p in path:
-            node = node[p]
-        node[leaf] = value
-    return config
-
-
 def _final_params(workdir):
     from fer_jax.io.checkpoint import Checkpointer
 
@@ -70,12 +56,12 @@ def test_missing_data_dir_is_a_clear_error(tmp_path):
     assert "nowhere" in result.stderr and "fer2013.csv" in result.stderr, result.stderr[-2000:]
 
 
-def test_runlocal_writes_outputs_and_resumes(tmp_path):
+def test_runlocal_writes_outputs_and_resumes(tmp_path, make_config):
     from fer_jax.experiments import supervised
     from fer_jax.io.metrics import read_jsonl
 
-    config = _config(**{"train.num_steps": 24, "checkpoint_every_steps": 8,
-                        "log_every_steps": 4})
+    config = make_config("supervised", "runlocal", **{
+        "train.num_steps": 24, "checkpoint_every_steps": 8, "log_every_steps": 4})
     results = supervised.run(config, str(tmp_path))
     for name in ("config.json", "eval.json", "metrics.jsonl", "confusion_matrix.png"):
         assert (tmp_path / name).is_file(), name
@@ -99,13 +85,15 @@ def test_runlocal_writes_outputs_and_resumes(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, make_config):
     from fer_jax.experiments import supervised
 
-    supervised.run(_config(**{"train.num_steps": 8, "checkpoint_every_steps": 8}), str(tmp_path))
-    bad = _config(**{"train.num_steps": 40, "checkpoint_every_steps": 8, "log_every_steps": 4,
-                     "train.learning_rate": 1e38, "train.warmup_epochs": 0.0,
-                     "train.optimizer": "sgd"})
+    supervised.run(make_config("supervised", "runlocal", **{"train.num_steps": 8,
+                                                            "checkpoint_every_steps": 8}),
+                   str(tmp_path))
+    bad = make_config("supervised", "runlocal", **{
+        "train.num_steps": 40, "checkpoint_every_steps": 8, "log_every_steps": 4,
+        "train.learning_rate": 1e38, "train.warmup_epochs": 0.0, "train.optimizer": "sgd"})
     with pytest.raises(FloatingPointError, match="last good checkpoint \\(step 8\\)"):
         supervised.run(bad, str(tmp_path))
     step, state = _final_params(tmp_path)

@@ -38,14 +38,9 @@ CLIENT_OPTIMIZERS = ("sgd", "adam")
 
 
 def validate_config(config) -> None:
-    def check(ok, field, expected):
-        if not ok:
-            value = functools.reduce(getattr, field.split("."), config)
-            raise ValueError(f"config.{field}={value!r}: expected {expected}")
-
-    check(config.data.name in data_lib.DATASETS, "data.name", f"one of {sorted(data_lib.DATASETS)}")
-    check(config.data.channels in (1, 3), "data.channels", "1 or 3")
-    check(config.model.name in models.MODELS, "model.name", f"one of {sorted(models.MODELS)}")
+    """Raises ValueError naming the first bad field; called by main before any work."""
+    check = supervised.config_checker(config)
+    supervised.validate_data_model(config, check)
     fed = config.fed
     check(fed.partition in PARTITIONS, "fed.partition", f"one of {PARTITIONS}")
     check(fed.partition != "subject" or config.data.name in ("synthetic", "ckplus48"),
@@ -65,7 +60,6 @@ def validate_config(config) -> None:
     check(fed.local_epochs >= 1, "fed.local_epochs", ">= 1")
     check(fed.clients_per_call >= 1, "fed.clients_per_call", ">= 1")
     check(config.checkpoint_every_rounds >= 1, "checkpoint_every_rounds", ">= 1")
-    AugmentConfig(**config.augment)
 
 
 def partition(config, split: data_lib.Split, num_classes: int) -> partition_lib.Partition:

@@ -33,17 +33,29 @@ SCHEDULES = ("cosine", "constant")
 CLASS_WEIGHTS = ("none", "balanced")
 
 
-def validate_config(config) -> None:
-    """Raises ValueError naming the first bad field; called by main before any work."""
+def config_checker(config):
+    """check(ok, 'a.b', expected) raises ValueError("config.a.b=<value>: expected ...")."""
     def check(ok, field, expected):
         if not ok:
             value = functools.reduce(getattr, field.split("."), config)
             raise ValueError(f"config.{field}={value!r}: expected {expected}")
 
+    return check
+
+
+def validate_data_model(config, check) -> None:
+    """The data, model and augment blocks every experiment shares."""
     check(config.data.name in data_lib.DATASETS, "data.name", f"one of {sorted(data_lib.DATASETS)}")
     check(config.data.image_size >= 16, "data.image_size", "an image size >= 16")
     check(config.data.channels in (1, 3), "data.channels", "1 or 3")
     check(config.model.name in models.MODELS, "model.name", f"one of {sorted(models.MODELS)}")
+    AugmentConfig(**config.augment)  # Raises on bad ranges, naming the field.
+
+
+def validate_config(config) -> None:
+    """Raises ValueError naming the first bad field; called by main before any work."""
+    check = config_checker(config)
+    validate_data_model(config, check)
     check(config.train.batch_size >= 1, "train.batch_size", "a positive batch size")
     check(config.train.num_epochs > 0 or config.train.num_steps > 0, "train.num_epochs",
           "> 0 (or train.num_steps > 0)")
@@ -54,7 +66,6 @@ def validate_config(config) -> None:
           f"one of {CLASS_WEIGHTS}")
     check(config.checkpoint_every_steps >= 1, "checkpoint_every_steps", ">= 1")
     check(config.log_every_steps >= 1, "log_every_steps", ">= 1")
-    AugmentConfig(**config.augment)  # Raises on bad ranges, naming the field.
 
 
 def make_optimizer(train, total_steps: int, steps_per_epoch: int):
