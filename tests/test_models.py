@@ -383,3 +383,13 @@ def test_mobilenetv2_depthwise_modes_give_the_same_output():
     b = jax.jit(functools.partial(shifted.apply, train=False))(variables, x)
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-5)
+
+
+def test_small_cnn_convs_per_stage():
+    model = models.get_model("small_cnn", num_classes=3, widths=(4, 8), convs_per_stage=(1, 2))
+    variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                               jnp.zeros((1, 16, 16, 1)))
+    convs = sorted(k for k in variables["params"] if k.startswith("conv"))
+    assert convs == ["conv1_1", "conv2_1", "conv2_2"]
+    with pytest.raises(ValueError, match="convs_per_stage"):
+        models.get_model("small_cnn", num_classes=3, widths=(4, 8), convs_per_stage=(1, 0, 2))

@@ -87,8 +87,11 @@ def _apply_fn(model, image_size: int, channels: int, augment: AugmentConfig | No
     return apply
 
 
-def build_engine(config, model) -> fl.FederatedEngine:
+def build_engine(config, model, *, max_client_size: int) -> fl.FederatedEngine:
+    """The engine for this config; step buckets grow to fit the largest client of the run."""
     fed = config.fed
+    most_steps = fed.local_epochs * -(-max_client_size // fed.batch_size)
+    buckets = tuple(b for b in fl.packing.DEFAULT_STEP_BUCKETS if b < most_steps) + (most_steps,)
     loss_fn = fl.classifier_loss(_apply_fn(model, config.data.image_size, config.data.channels,
                                            AugmentConfig(**config.augment)))
     client_opt = (optax.sgd(fed.client_learning_rate, momentum=fed.client_momentum or None)
@@ -99,7 +102,7 @@ def build_engine(config, model) -> fl.FederatedEngine:
         fl.SupervisedClient(loss_fn, client_opt, prox_mu=fed.prox_mu),
         server_optimizer=fl.server_optimizer(fed.server_optimizer, **server_kwargs),
         packing=fl.PackingConfig(batch_size=fed.batch_size, local_epochs=fed.local_epochs,
-                                 clients_per_call=fed.clients_per_call),
+                                 clients_per_call=fed.clients_per_call, step_buckets=buckets),
         backend=fl.RoundBackend(vmap_width=fed.vmap_width, step_unroll=fed.unroll,
                                 group_unroll=fed.unroll),
         weighting=fed.weighting)
@@ -129,7 +132,7 @@ def run(config, workdir: str) -> dict:
     shape = (config.data.image_size, config.data.image_size, config.data.channels)
     variables = model.init(jax.random.PRNGKey(config.seed), np.zeros((1, *shape), np.float32),
                            train=False)
-    engine = build_engine(config, model)
+    engine = build_engine(config, model, max_client_size=summary["sizes"]["max"])
     state = engine.init(variables)
     checkpointer = Checkpointer(workdir, every_steps=config.checkpoint_every_rounds)
     state, start = checkpointer.restore_or(state)

@@ -35,6 +35,8 @@ class SmallCNN(nn.Module):
     Attributes:
       num_classes: number of classes, or None for the backbone only (no 'logits').
       widths: channels of each stage; every stage halves the resolution.
+      convs_per_stage: 3x3 convs in each stage (one int for all stages, or one per stage);
+        (1, 2, 2) drops the costliest conv, the second at full resolution.
       dense: width of the hidden dense layer of the head (on the flattened feature map:
         facial expressions depend on where a feature is, which global pooling discards).
       dropout: dropout rate after the hidden dense layer; train-mode apply needs
@@ -46,6 +48,7 @@ class SmallCNN(nn.Module):
     num_classes: int | None = None
     _: dataclasses.KW_ONLY
     widths: Sequence[int] = (32, 64, 128)
+    convs_per_stage: int | Sequence[int] = 2
     dense: int = 128
     dropout: float = 0.5
     norm: str = "batch"
@@ -57,12 +60,20 @@ class SmallCNN(nn.Module):
         if not self.widths or any(not isinstance(w, int) or w < 1 for w in self.widths):
             raise ValueError(f"widths must be a non-empty sequence of positive ints, got "
                              f"{self.widths!r}")
+        convs = self._convs()
+        if len(convs) != len(self.widths) or any(not isinstance(c, int) or c < 1 for c in convs):
+            raise ValueError(f"convs_per_stage must be a positive int or one per stage "
+                             f"({len(self.widths)}), got {self.convs_per_stage!r}")
         if not isinstance(self.dense, int) or self.dense < 1:
             raise ValueError(f"dense must be a positive int, got {self.dense!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         layers.check_choice(self.norm, layers.NORMS, name="norm")
         super().__post_init__()
+
+    def _convs(self) -> tuple:
+        c = self.convs_per_stage
+        return (c,) * len(self.widths) if isinstance(c, int) else tuple(c)
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool) -> dict[str, Array]:
@@ -77,8 +88,8 @@ class SmallCNN(nn.Module):
         # A conv followed by BatchNorm needs no bias: BN's shift replaces it.
         use_bias = self.norm == "none"
         x = layers.standardize(x, _FER_MEAN, _FER_STD)
-        for i, width in enumerate(self.widths):
-            for j in range(2):
+        for i, (width, convs) in enumerate(zip(self.widths, self._convs(), strict=True)):
+            for j in range(convs):
                 x = nn.Conv(width, (3, 3), padding="SAME", use_bias=use_bias,
                             name=f"conv{i + 1}_{j + 1}")(x)
                 x = nn.relu(norm(f"bn{i + 1}_{j + 1}")(x))
