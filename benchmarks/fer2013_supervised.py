@@ -20,7 +20,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--workdir", default="/tmp/fer2013_bench")
     parser.add_argument("--extra", nargs="*", default=[], help="more --config.x=y overrides")
     args = parser.parse_args()
