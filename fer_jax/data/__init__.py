@@ -15,7 +15,8 @@ from fer_jax.data.types import Dataset, Split
 __all__ = ["DATASETS", "Dataset", "Split", "load", "resolve_manual_dir"]
 
 # name -> folder under the data root that holds its raw files.
-DATASETS = {"synthetic": None, "fer2013": "fer2013", "ferplus": "fer2013", "ckplus48": "ckplus48"}
+DATASETS = {"synthetic": None, "fer2013": "fer2013", "ferplus": "fer2013", "ckplus48": "ckplus48",
+            "prepared": "prepared"}
 
 
 def resolve_manual_dir(name: str, manual_dir: str = "") -> pathlib.Path:
@@ -40,6 +41,10 @@ def load(data) -> Dataset:
             test_subjects=s.test_subjects, image_size=data.image_size, channels=data.channels,
             seed=s.seed)
     manual_dir = resolve_manual_dir(data.name, data.manual_dir)
+    if data.name == "prepared":  # configs/prepare.py output; its dataset.json finds the build.
+        from fer_jax.data import prepare
+
+        return prepare.load_prepared(manual_dir=manual_dir)
     if data.name in ("fer2013", "ferplus"):
         from fer_jax.data import fer2013
 

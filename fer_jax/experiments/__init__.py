@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 
-EXPERIMENTS = ("supervised", "fedavg")
+EXPERIMENTS = ("supervised", "fedavg", "prepare")
 
 
 def get(name: str):

@@ -1,0 +1,65 @@
+r"""FER data preparation (Khodadadi, PAPERS.md section 4): split -> balance -> detect -> align ->
+normalize -> resize, with report.json / report.md and a TFDS array_record dataset in the workdir.
+
+Run on a folder with one sub-folder per class (optional subject id in the file names):
+  python -m fer_jax.main --config=configs/prepare.py:kind=folder,path=/tmp/ck144 \
+      --config.input.subject_pattern='^(S\d+)_' --workdir=/tmp/prep
+Other layouts: kind=affwild2|rafdb|affectnet|ferg (see fer_jax/data/readers.py), or any dataset
+of fer_jax.data (kind=dataset,data=fer2013). Detect and align before splitting:
+  python -m fer_jax.main \
+      --config=configs/prepare.py:kind=folder,path=/tmp/ck144,order=detect_first \
+      --workdir=/tmp/prep2
+Then train on it: --config=configs/supervised.py:model=resnet18 --config.data.name=prepared \
+  --config.data.manual_dir=/tmp/prep   (once `prepared` is registered in fer_jax.data).
+
+Arguments (after the colon, comma separated): kind, path, order=paper|detect_first, data=<name>
+(for kind=dataset). The order is explicit and can be given directly:
+  --config.steps=split,balance,detect,align,normalize,resize
+"""
+
+import ml_collections
+
+from configs import common
+from configs.supervised import data_config
+
+ORDERS = {
+    "paper": "split,balance,detect,align,normalize,resize",
+    # Balancing after detection keeps every augmented copy (no re-detection of rotated faces).
+    "detect_first": "detect,align,split,balance,normalize,resize",
+}
+
+
+def get_config(arg=None):
+    arg = common.parse_arg(arg, kind="folder", path="", order="paper", data="ckplus48")
+    if arg.order not in ORDERS:
+        raise ValueError(f"config argument order={arg.order!r}; expected one of {sorted(ORDERS)}")
+    config = ml_collections.ConfigDict()
+    config.experiment = "prepare"
+
+    config.input = ml_collections.ConfigDict()
+    config.input.kind = arg.kind  # folder | affwild2 | rafdb | affectnet | ferg | dataset
+    config.input.path = arg.path  # Root of the files (not used by kind=dataset).
+    config.input.subject_pattern = ""  # Regex; group 1 = subject key ('^(S\d+)_' for CK+ names).
+    config.input.rafdb_variant = "aligned"  # aligned | original
+    config.input.crop_to_box = False  # AffectNet: crop the annotated face box before the steps.
+    config.input.data = data_config(arg.data)  # kind=dataset: any fer_jax.data dataset.
+    config.input.data.channels = 3
+
+    config.steps = ORDERS[arg.order]  # Comma-separated, run in this order.
+
+    config.split = ml_collections.ConfigDict(dict(
+        mode="stratified",  # stratified | subject (disjoint subjects) | predefined (source's)
+        test_ratio=0.25, seed=0))
+    config.balance = ml_collections.ConfigDict(dict(
+        rotation_min_deg=0.0, rotation_max_deg=90.0, both_directions=True,
+        brightness_min=0.2, brightness_max=1.0, flip=0.5,
+        target=0,  # Images per training class; 0 = the majority class's count.
+        seed=0))
+    config.detect = ml_collections.ConfigDict(dict(
+        min_face_size=20.0, thresholds=(0.6, 0.7, 0.7), pad_fraction=0.0, min_side=0,
+        several="drop"))  # drop (paper) | best
+    config.align = ml_collections.ConfigDict(dict(output_size=96, margin=0.0))
+    config.normalize = ml_collections.ConfigDict(dict(method="scale"))  # scale | minmax
+    config.resize = ml_collections.ConfigDict(dict(size=96, channels=3))
+    config.output = ml_collections.ConfigDict(dict(data_dir=""))  # '' = <workdir>/tfds
+    return config
