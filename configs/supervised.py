@@ -18,7 +18,7 @@ from configs import common
 
 _MODEL_KWARGS = {
     # 4 stages, 6 convs, 0.77M parameters: 2x cheaper per image than widths (32, 64, 128) x 2
-    # convs and faster to learn on FER-2013 (WORKSPACE.md, section 8).
+    # convs and faster to learn on FER-2013 (WORKSPACE.md, section 9).
     "small_cnn": dict(widths=(24, 48, 96, 192), convs_per_stage=(1, 2, 2, 1), dense=256,
                       dropout=0.4),
     "resnet18": dict(stem="small"),
