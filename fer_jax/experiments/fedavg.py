@@ -92,6 +92,12 @@ def build_engine(config, model, *, max_client_size: int) -> fl.FederatedEngine:
     fed = config.fed
     most_steps = fed.local_epochs * -(-max_client_size // fed.batch_size)
     buckets = tuple(b for b in fl.packing.DEFAULT_STEP_BUCKETS if b < most_steps) + (most_steps,)
+    # Every device of the 'clients' mesh axis takes vmap_width clients per call at least.
+    unit = jax.device_count() * fed.vmap_width
+    per_call = -(-fed.clients_per_call // unit) * unit
+    if per_call != fed.clients_per_call:
+        logging.info("fed.clients_per_call %d -> %d (a multiple of %d devices x vmap_width %d)",
+                     fed.clients_per_call, per_call, jax.device_count(), fed.vmap_width)
     loss_fn = fl.classifier_loss(_apply_fn(model, config.data.image_size, config.data.channels,
                                            AugmentConfig(**config.augment)))
     client_opt = (optax.sgd(fed.client_learning_rate, momentum=fed.client_momentum or None)
@@ -102,7 +108,7 @@ def build_engine(config, model, *, max_client_size: int) -> fl.FederatedEngine:
         fl.SupervisedClient(loss_fn, client_opt, prox_mu=fed.prox_mu),
         server_optimizer=fl.server_optimizer(fed.server_optimizer, **server_kwargs),
         packing=fl.PackingConfig(batch_size=fed.batch_size, local_epochs=fed.local_epochs,
-                                 clients_per_call=fed.clients_per_call, step_buckets=buckets),
+                                 clients_per_call=per_call, step_buckets=buckets),
         backend=fl.RoundBackend(vmap_width=fed.vmap_width, step_unroll=fed.unroll,
                                 group_unroll=fed.unroll),
         weighting=fed.weighting)
