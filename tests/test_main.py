@@ -88,12 +88,11 @@ def test_runlocal_writes_outputs_and_resumes(tmp_path, make_config):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, make_config):
     from fer_jax.experiments import supervised
 
-    supervised.run(make_config("supervised", "runlocal", **{"train.num_steps": 8,
-                                                            "checkpoint_every_steps": 8}),
+    same = {"train.warmup_epochs": 0.0, "train.optimizer": "sgd", "checkpoint_every_steps": 8}
+    supervised.run(make_config("supervised", "runlocal", **{"train.num_steps": 8, **same}),
                    str(tmp_path))
     bad = make_config("supervised", "runlocal", **{
-        "train.num_steps": 40, "checkpoint_every_steps": 8, "log_every_steps": 4,
-        "train.learning_rate": 1e38, "train.warmup_epochs": 0.0, "train.optimizer": "sgd"})
+        "train.num_steps": 40, "log_every_steps": 4, "train.learning_rate": 1e38, **same})
     with pytest.raises(FloatingPointError, match="last good checkpoint \\(step 8\\)"):
         supervised.run(bad, str(tmp_path))
     step, state = _final_params(tmp_path)
@@ -128,3 +127,15 @@ def _leaves(tree):
     import jax
 
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_resume_with_a_changed_state_structure_is_a_clear_error(tmp_path):
+    import jax.numpy as jnp
+
+    from fer_jax.io.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(tmp_path, every_steps=1)
+    ckpt.save(1, {"w": jnp.ones(3)})
+    with pytest.raises(ValueError, match="step 1 .* does not have the structure of this run"):
+        ckpt.restore_or({"w": jnp.ones(3), "momentum": jnp.zeros(3)})
+    ckpt.close()

@@ -51,7 +51,15 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         abstract = jax.tree.map(_abstract, like)
-        return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        try:
+            return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except ValueError as e:
+            if "tree structures do not match" not in str(e):
+                raise
+            raise ValueError(
+                f"the checkpoint at step {step} in {self.directory} does not have the structure of "
+                "this run's state (was the model, optimizer or experiment changed since it was "
+                "written?); use a fresh --workdir or the original config") from e
 
     def restore_or(self, like):
         """(state, step): the latest checkpoint if there is one, else (`like`, 0)."""
