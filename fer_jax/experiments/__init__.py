@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 
-EXPERIMENTS = ("supervised", "fedavg", "prepare")
+EXPERIMENTS = ("supervised", "fedavg", "prepare", "fedaffect")
 
 
 def get(name: str):

@@ -1,0 +1,151 @@
+"""FedAffect's two learners: encoder + SimCLR projector, and encoder + relation module.
+
+FedAffect (Shome & Kar), Fig. 1-2 and Algorithm 1:
+  * representation learner: z = P(E(x)), E the encoder (ResNet-50 V2 in the paper, any fer_jax
+    backbone here, `num_classes=None`), P a small MLP projector on E's pooled embedding
+    (SimCLR's g(.): Dense -> ReLU -> Dense, Chen et al. 2020 Sec. 2.1);
+  * few-shot learner: the embedding module f_psi (the same encoder architecture) gives feature
+    maps; a class's support feature is the **element-wise sum** of its K support maps
+    (`losses.class_prototypes`), concatenated **depth-wise** with each query's map, and the
+    relation module g_phi scores the pair in [0, 1].
+The relation module is Sung et al. 2018 (*Learning to Compare*, Fig. 2): two conv blocks (3x3
+conv with `features` filters + ReLU + 2x2 max pool), then Dense(`hidden`) + ReLU, Dense(1) +
+sigmoid. Sung et al. put BatchNorm in each block; FedAffect's federated clients pad partial
+batches, whose statistics BN would mix in, so `norm` is 'none' (a bias instead), as for the
+encoders of the federated runs (configs/fedaffect.py).
+
+Parameters: {'encoder': ..., 'projector': ...} and {'encoder': ..., 'relation': ...}, so the
+server's hand-off (Algorithm 1: the few-shot learner's embedding module replaced by the
+aggregated encoder) is a copy of the 'encoder' subtree.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fer_jax import losses
+from fer_jax.models import layers
+
+
+class RelationModule(nn.Module):
+    """g_phi of Sung et al. 2018: (P, h, w, 2c) concatenated pair maps -> (P,) scores in [0, 1].
+
+    Attributes: features (filters of both conv blocks, 64 in Sung et al.), hidden (width of the
+    first dense layer, 8 in Sung et al.). A 2x2 pool is skipped when the map is already 1 pixel
+    wide, so any encoder resolution works.
+
+    `factored(class_maps, query_maps)` gives the same scores for every (query, class) pair
+    without building the pairs: the first convolution is linear in its input, so
+    conv1([s, q]) = conv_s(s) + conv_q(q) + b with the kernel split along its input channels
+    (zero SAME padding splits the same way). Each map is convolved once instead of once per
+    pair: ~9x fewer FLOPs for 8 classes with the CPU encoder (exact up to float rounding).
+    """
+
+    features: int = 64
+    hidden: int = 8
+
+    def setup(self):
+        self.conv1 = nn.Conv(self.features, (3, 3), padding="SAME")
+        self.conv2 = nn.Conv(self.features, (3, 3), padding="SAME")
+        self.fc1 = nn.Dense(self.hidden)
+        self.fc2 = nn.Dense(1)
+
+    def __call__(self, pairs: jax.Array) -> jax.Array:
+        pairs = layers.check_images(pairs, name="pairs")
+        return self.head(self.conv1(pairs))
+
+    def head(self, pre: jax.Array) -> jax.Array:
+        """Everything after conv1's affine map: (P, h, w, features) -> (P,) scores."""
+        x = _pool(nn.relu(pre))
+        x = _pool(nn.relu(self.conv2(x)))
+        x = nn.relu(self.fc1(x.reshape(x.shape[0], -1)))
+        return nn.sigmoid(self.fc2(x))[:, 0]
+
+    def factored(self, class_maps: jax.Array, query_maps: jax.Array) -> jax.Array:
+        """(C, h, w, c) and (Q, h, w, c) -> (Q, C) scores of the pairs [class map, query map]."""
+        if self.is_initializing():  # Create conv1's parameters with their pair-input shape.
+            self.conv1(pair_maps(class_maps[:1], query_maps[:1]))
+        kernel = self.conv1.variables["params"]["kernel"]
+        bias = self.conv1.variables["params"]["bias"]
+        c = class_maps.shape[-1]
+        conv = lambda x, k: jax.lax.conv_general_dilated(
+            x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        s = conv(class_maps, kernel[:, :, :c])                       # (C, h, w, F)
+        q = conv(query_maps, kernel[:, :, c:])                       # (Q, h, w, F)
+        pre = q[:, None] + s[None] + bias                            # (Q, C, h, w, F)
+        nq, nc = pre.shape[:2]
+        return self.head(pre.reshape((nq * nc,) + pre.shape[2:])).reshape(nq, nc)
+
+
+def _pool(x: jax.Array) -> jax.Array:
+    # Reshape pooling: nn.max_pool's gradient is slow on XLA:CPU (PERF_NOTES.md).
+    return layers.max_pool_reshape(x, 2) if x.shape[1] >= 2 and x.shape[2] >= 2 else x
+
+
+class ProjectionHead(nn.Module):
+    """SimCLR's projector g(.): Dense(hidden) -> ReLU -> Dense(out) (Chen et al. 2020)."""
+
+    hidden: int = 256
+    out: int = 128
+
+    @nn.compact
+    def __call__(self, h: jax.Array) -> jax.Array:
+        h = nn.relu(nn.Dense(self.hidden, name="fc1")(h))
+        return nn.Dense(self.out, name="fc2")(h)
+
+
+class RepresentationLearner(nn.Module):
+    """E + P: images (N, H, W, C) in [0, 1] -> {'embedding': E's pooled features, 'z': P(E(x))}."""
+
+    encoder: nn.Module
+    projector: ProjectionHead
+
+    def __call__(self, x: jax.Array, *, train: bool) -> dict:
+        h = self.encoder(x, train=train)["embedding"]
+        return {"embedding": h, "z": self.projector(h)}
+
+
+def pair_maps(prototypes: jax.Array, query_maps: jax.Array) -> jax.Array:
+    """(C, h, w, c) class maps x (Q, h, w, c) query maps -> (Q * C, h, w, 2c), depth-wise
+    concatenation [class map, query map]; pair (q, c) is row q * C + c."""
+    nc, nq = prototypes.shape[0], query_maps.shape[0]
+    s = jnp.broadcast_to(prototypes[None], (nq,) + prototypes.shape)
+    q = jnp.broadcast_to(query_maps[:, None], (nq, nc) + query_maps.shape[1:])
+    return jnp.concatenate([s, q], axis=-1).reshape((nq * nc,) + s.shape[2:-1] + (-1,))
+
+
+class FewShotLearner(nn.Module):
+    """f_psi + g_phi: relation scores (Q, C) of query images against C support classes."""
+
+    encoder: nn.Module
+    relation: RelationModule
+    num_classes: int
+
+    def features(self, x: jax.Array, *, train: bool) -> jax.Array:
+        """Encoder feature maps (N, h, w, c) (the embedding module f_psi)."""
+        return self.encoder(x, train=train)["feature_map"]
+
+    def scores(self, prototypes: jax.Array, query_maps: jax.Array) -> jax.Array:
+        """(C, ...) class maps and (Q, ...) query maps -> (Q, C) relation scores of the
+        depth-wise concatenated pairs (computed by `RelationModule.factored`)."""
+        return self.relation.factored(prototypes, query_maps)
+
+    def __call__(self, support: jax.Array, support_labels: jax.Array, query: jax.Array, *,
+                 train: bool) -> jax.Array:
+        """support (S, H, W, C) with labels (S,) in [0, num_classes), query (Q, H, W, C)."""
+        ns = support.shape[0]
+        # One encoder pass over support and query together.
+        maps = self.features(jnp.concatenate([support, query]), train=train)
+        protos = losses.class_prototypes(maps[:ns], support_labels, self.num_classes)
+        return self.scores(protos, maps[ns:])
+
+
+def build_learners(encoder: nn.Module, *, num_classes: int, projector_hidden: int = 256,
+                   projector_out: int = 128, relation_features: int = 64,
+                   relation_hidden: int = 8) -> tuple[RepresentationLearner, FewShotLearner]:
+    """The two FedAffect models sharing one encoder architecture (separate parameters)."""
+    rep = RepresentationLearner(encoder, ProjectionHead(projector_hidden, projector_out))
+    few = FewShotLearner(encoder, RelationModule(relation_features, relation_hidden), num_classes)
+    return rep, few

@@ -1,0 +1,208 @@
+"""FedAffect's local updates as engine client methods, plus centralized and evaluation steps.
+
+FedAffect (Shome & Kar), Algorithm 1:
+  * `SimCLRClient` = LocalReprLearn (lines 17-30): per minibatch of M images, two views per
+    image (`data.simclr_augment`, on device, per-example keys), z = P(E(view)), loss NT-Xent
+    (Eq. 1, the mean over the 2M anchors, line 26) at temperature tau, one optimizer update.
+    The engine pads a client's last minibatch: padded rows and columns are kept out of the
+    softmax (`masked_nt_xent`), so the loss is exactly `losses.nt_xent` of the valid views.
+  * `FewShotClient` = LocalFewShot (lines 31-35): per local step one C-way K-shot episode drawn
+    on device from the client's labeled pool (`data.episodes.sample_episode`), class maps =
+    element-wise sum of K support maps, depth-wise concatenation with each query map, relation
+    scores, loss = relation MSE (Sung et al. 2018 Eq. 2; `losses.relation_mse` on the valid
+    (query, class) pairs), embedding f and relation g trained jointly (unless the encoder is
+    FROZEN by the engine's parameter filter).
+Both follow the engine's ClientMethod protocol (init / step / final, metric *sums*), so FedAvg
+weighted by D_i / D and the per-client keys come from `fer_jax.federated`. The same `step` is
+the centralized learner's update (`centralized_step`: one jitted step, host loop over batches).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from fer_jax.data.episodes import sample_episode
+from fer_jax.data.simclr_augment import SimCLRAugmentConfig, simclr_views
+from fer_jax.steps.supervised import preprocess
+
+# Finite stand-in for -inf: an all-masked row stays finite (no NaN gradient through softmax)
+# while exp(_MASKED - max) is exactly 0 in float32 for every row with a valid candidate.
+_MASKED = -1e9
+_NORM_EPS = 1e-12  # losses.nt_xent's floor on the squared norm.
+
+
+def masked_nt_xent(z_a: jax.Array, z_b: jax.Array, mask: jax.Array, *,
+                   temperature: float) -> jax.Array:
+    """`losses.nt_xent` over the valid rows only: (N, d) views, mask (N,) bool.
+
+    Equals `losses.nt_xent(z_a[mask], z_b[mask])` (FedAffect Eq. 1, mean over the 2 N_valid
+    anchors): invalid views are neither anchors nor candidates; 0 when no row is valid.
+    """
+    n = z_a.shape[0]
+    z = jnp.concatenate([z_a, z_b], axis=0)
+    z = z * jax.lax.rsqrt(jnp.maximum(jnp.sum(z * z, axis=-1, keepdims=True), _NORM_EPS))
+    valid = jnp.concatenate([mask, mask])
+    logits = z @ z.T / temperature
+    drop = jnp.eye(2 * n, dtype=bool) | ~valid[None, :]
+    log_prob = jax.nn.log_softmax(jnp.where(drop, _MASKED, logits), axis=-1)
+    positive = (jnp.arange(2 * n) + n) % (2 * n)
+    per_anchor = -jnp.take_along_axis(log_prob, positive[:, None], axis=-1)[:, 0]
+    count = valid.sum()
+    return jnp.where(valid, per_anchor, 0.0).sum() / jnp.maximum(count, 1)
+
+
+def masked_relation_mse(scores: jax.Array, query_labels: jax.Array, query_valid: jax.Array,
+                        class_valid: jax.Array) -> jax.Array:
+    """`losses.relation_mse` over the valid (query, class) pairs of a (Q, C) score matrix."""
+    nc = scores.shape[1]
+    pair = query_valid[:, None] & class_valid[None, :]
+    target = (query_labels[:, None] == jnp.arange(nc)[None, :]).astype(scores.dtype)
+    return jnp.where(pair, jnp.square(scores - target), 0.0).sum() / jnp.maximum(pair.sum(), 1)
+
+
+@flax.struct.dataclass
+class LearnerState:
+    """Client (or centralized) state: params, optimizer state, the received variables."""
+
+    params: Any
+    opt_state: Any
+    initial: Any
+    trainable: tuple = flax.struct.field(pytree_node=False, default=())
+
+
+def _init_state(variables, trainable, optimizer) -> LearnerState:
+    if set(variables) != {"params"}:
+        raise ValueError("FedAffect learners take variables {'params': ...} only (models built "
+                         f"with norm='none'); got collections {sorted(variables)}")
+    params = variables["params"]
+    trainable = tuple(trainable) or (True,) * len(jax.tree.leaves(variables))
+    return LearnerState(params, optimizer.init(params), variables, trainable)
+
+
+def _update(state: LearnerState, grads, optimizer, ok) -> LearnerState:
+    """One optimizer update; frozen leaves keep the server's values; `ok` False keeps all."""
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new, treedef = jax.tree.flatten({"params": params})
+    old = jax.tree.leaves(state.initial)
+    params = jax.tree.unflatten(treedef, [n if t else o for n, o, t in
+                                          zip(new, old, state.trainable, strict=True)])["params"]
+    keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(ok, x, y), a, b)
+    return state.replace(params=keep(params, state.params), opt_state=keep(opt_state,
+                                                                           state.opt_state))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SimCLRClient:
+    """LocalReprLearn: SimCLR steps of `model` (a RepresentationLearner) on batches of M images.
+
+    batch: {'image': uint8 (M, H, W, C)}; mask (M,) bool. Metric sums: loss_sum (loss x valid
+    images), count (valid images). Hashed by identity (a static jit argument).
+    """
+
+    model: Any
+    optimizer: optax.GradientTransformation
+    augment: SimCLRAugmentConfig
+    temperature: float
+    image_size: int
+    channels: int
+
+    def init(self, variables, trainable, key):
+        del key
+        return _init_state(variables, trainable, self.optimizer)
+
+    def step(self, state, batch, mask, key):
+        x = preprocess(batch["image"], image_size=self.image_size, channels=self.channels)
+        view_a, view_b = simclr_views(key, x, self.augment)
+        n = x.shape[0]
+
+        def loss_fn(params):
+            z = self.model.apply({"params": params}, jnp.concatenate([view_a, view_b]),
+                                 train=True)["z"]
+            return masked_nt_xent(z[:n], z[n:], mask, temperature=self.temperature)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        count = mask.sum().astype(jnp.float32)
+        state = _update(state, grads, self.optimizer, count > 0)
+        return state, {"loss_sum": loss * count, "count": count}
+
+    def final(self, state):
+        return {"params": state.params}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FewShotClient:
+    """LocalFewShot: one C-way K-shot episode per step from the client's labeled pool.
+
+    batch: {'image': uint8 (P, H, W, C), 'label': int (P,)}, mask (P,) bool: the pool the
+    episode is drawn from (the engine's minibatch). `model` is a FewShotLearner. Metric sums:
+    loss_sum (over episodes), episodes, skipped_episodes, queries, correct, short_classes.
+    """
+
+    model: Any
+    optimizer: optax.GradientTransformation
+    num_classes: int
+    shots: int
+    queries: int
+    image_size: int
+    channels: int
+
+    def init(self, variables, trainable, key):
+        del key
+        return _init_state(variables, trainable, self.optimizer)
+
+    def step(self, state, batch, mask, key):
+        c, k = self.num_classes, self.shots
+        labels = batch["label"].astype(jnp.int32)
+        ep = sample_episode(key, labels, mask, num_classes=c, shots=k, queries=self.queries)
+        prep = functools.partial(preprocess, image_size=self.image_size, channels=self.channels)
+        support = prep(batch["image"][ep.support_index.reshape(-1)])
+        query = prep(batch["image"][ep.query_index])
+        support_labels = jnp.repeat(jnp.arange(c), k)
+        query_labels = labels[ep.query_index]
+
+        def loss_fn(params):
+            scores = self.model.apply({"params": params}, support, support_labels, query,
+                                      train=True)
+            loss = masked_relation_mse(scores, query_labels, ep.query_valid, ep.class_valid)
+            return loss, scores
+
+        (loss, scores), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        state = _update(state, grads, self.optimizer, ep.ok)
+        pred = jnp.argmax(jnp.where(ep.class_valid[None, :], scores, -jnp.inf), axis=-1)
+        ok = ep.ok.astype(jnp.float32)
+        valid_q = ep.query_valid.astype(jnp.float32) * ok
+        correct = ((pred == query_labels) * valid_q).sum()
+        return state, {"loss_sum": loss * ok, "episodes": ok, "skipped_episodes": 1.0 - ok,
+                       "queries": valid_q.sum(), "correct": correct,
+                       "short_classes": (c - ep.class_valid.sum()).astype(jnp.float32)}
+
+    def final(self, state):
+        return {"params": state.params}
+
+
+@functools.partial(jax.jit, static_argnames=("method",), donate_argnums=(0,))
+def centralized_step(state, batch, mask, key, *, method):
+    """The centralized learner's update: the client method's step on pooled data (jitted)."""
+    return method.step(state, batch, mask, key)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "image_size", "channels"))
+def feature_maps(params, images, *, model, image_size: int, channels: int) -> jax.Array:
+    """Embedding-module maps (N, h, w, c) of uint8 images (FewShotLearner.features, eval mode)."""
+    x = preprocess(images, image_size=image_size, channels=channels)
+    return model.apply({"params": params}, x, train=False, method="features")
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def episode_scores(params, prototypes, query_maps, *, model) -> jax.Array:
+    """Relation scores (E, n, C) of E episodes' class maps (E, C, ...) vs n query maps."""
+    one = lambda p: model.apply({"params": params}, p, query_maps, method="scores")
+    return jax.vmap(one)(prototypes)

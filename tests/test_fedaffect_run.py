@@ -1,0 +1,130 @@
+"""FedAffect end to end (fer_jax.experiments.fedaffect): Algorithm 1 on the runlocal config."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from fer_jax import federated as fl
+from fer_jax.data import types
+from fer_jax.experiments import fedaffect
+from fer_jax.io.checkpoint import Checkpointer
+
+
+def _restore(config, workdir, num_classes=8):
+    """The final {'rep', 'few'} server states from the run's last checkpoint."""
+    rep_model, few_model = fedaffect.build_models(config, num_classes)
+    rv, fv = fedaffect.init_variables(config, rep_model, few_model, num_classes)
+    opt = fl.server_optimizer("fedavg")
+    zero = np.zeros((), np.int32)
+    like = {"rep": fl.ServerState(rv, opt.init(rv), zero),
+            "few": fl.ServerState(fv, opt.init(fv), zero)}
+    like = jax.tree.map(jax.numpy.asarray, like)
+    ckpt = Checkpointer(workdir, every_steps=1)
+    state = ckpt.restore(like)
+    ckpt.close()
+    return state, rv, fv
+
+
+@pytest.mark.slow
+def test_runlocal_end_to_end(make_config, tmp_path, capsys):
+    config = make_config("fedaffect", "runlocal")
+    fedaffect.validate_config(config)
+    results = fedaffect.run(config, str(tmp_path))
+    few = results["fewshot"]
+    assert 0.0 <= few["accuracy"] <= 1.0 and few["episodes"] >= config.fedaffect.eval_episodes
+    assert few["chance"] == pytest.approx(1 / 8) and few["ci95"] > 0
+    assert sum(map(sum, results["confusion_matrix"])) > 0
+    for name in ("eval.json", "confusion_matrix.png", "embedding_tsne.png", "metrics.jsonl"):
+        assert (tmp_path / name).is_file()
+    rounds = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rounds if "repr/loss" in r]
+    assert len(train) == 3 and all(r["repr/clients"] == 3 and r["fewshot/clients"] == 3
+                                   for r in train)
+    assert all(np.isfinite(r["repr/loss"]) and r["fewshot/skipped_episodes"] == 0 for r in train)
+    assert "chance level 0.125" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_encoder_hand_off(make_config, tmp_path):
+    """Algorithm 1: after each SimCLR aggregation the few-shot embedding module is replaced by
+    the aggregated encoder. With the encoder frozen in LocalFewShot, the final few-shot encoder
+    must equal the final representation encoder exactly, while the relation module trained."""
+    config = make_config("fedaffect", "runlocal", **{"fedaffect.train_encoder": False,
+                                                     "fed.rounds": 1, "fedaffect.eval_episodes": 2,
+                                                     "fedaffect.plot_points": 20})
+    fedaffect.run(config, str(tmp_path / "a"))
+    state, rv, fv = _restore(config, str(tmp_path / "a"))
+    rep_enc = state["rep"].variables["params"]["encoder"]
+    few_enc = state["few"].variables["params"]["encoder"]
+    for a, b in zip(jax.tree.leaves(rep_enc), jax.tree.leaves(few_enc), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.allclose(a, c) for a, c in zip(
+        jax.tree.leaves(rep_enc), jax.tree.leaves(rv["params"]["encoder"]), strict=True))
+    assert not np.allclose(state["few"].variables["params"]["relation"]["fc2"]["kernel"],
+                           fv["params"]["relation"]["fc2"]["kernel"])
+    # Without SimCLR the encoder handed over is the random initial one.
+    config.fedaffect.representation = "none"
+    fedaffect.run(config, str(tmp_path / "b"))
+    state, rv, _ = _restore(config, str(tmp_path / "b"))
+    for a, b in zip(jax.tree.leaves(state["few"].variables["params"]["encoder"]),
+                    jax.tree.leaves(rv["params"]["encoder"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bad_clients_are_skipped_and_counted(make_config):
+    config = make_config("fedaffect", "runlocal", **{"fedaffect.labeled_fraction": 0.5})
+    rng = np.random.default_rng(0)
+    # Subject 0: 32 images (16 labeled, 16 unlabeled); subject 1: 10 images (5 labeled <= C);
+    # subject 2: 1 image (labeled 0 or 1, unlabeled 0 or 1).
+    subjects = np.repeat([0, 1, 2], [32, 10, 1]).astype(np.int32)
+    split = types.Split(rng.integers(0, 255, (43, 48, 48, 1), dtype=np.uint8),
+                        rng.integers(0, 8, 43).astype(np.int32), subjects)
+    clients = fedaffect.build_clients(config, split, 8)
+    s = clients["summary"]
+    assert s["labeled_sizes"] == [16, 5, 0] or s["labeled_sizes"] == [16, 5, 1]
+    assert s["skipped_too_few_labeled"] == 2
+    np.testing.assert_array_equal(clients["few_clients"], [0])
+    assert s["skipped_no_unlabeled"] == (1 if s["labeled_sizes"][2] == 1 else 0)
+    # Every image labeled, nothing left unlabeled: no SimCLR client at all.
+    config.fedaffect.labeled_fraction = 1.0
+    clients = fedaffect.build_clients(config, split, 8)
+    assert clients["summary"]["skipped_no_unlabeled"] == 3 and len(clients["rep_clients"]) == 0
+
+
+def test_run_without_unlabeled_or_labeled_clients_fails_clearly(make_config, tmp_path):
+    config = make_config("fedaffect", "runlocal", **{"fedaffect.labeled_fraction": 1.0,
+                                                     "fedaffect.unlabeled": "rest"})
+    with pytest.raises(ValueError, match="no client has unlabeled images"):
+        fedaffect.run(config, str(tmp_path / "a"))
+    config = make_config("fedaffect", "runlocal", **{"fedaffect.labeled_fraction": 0.2})
+    with pytest.raises(ValueError, match="no client has more than C=8 labeled"):
+        fedaffect.run(config, str(tmp_path / "b"))
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("model.kwargs.norm", "batch", "model.kwargs"),
+    ("fedaffect.mode", "split", "fedaffect.mode"),
+    ("repr.batch_size", 1, "repr.batch_size"),
+    ("fedaffect.unlabeled", "some", "fedaffect.unlabeled"),
+])
+def test_validate_config_names_the_field(make_config, field, value, match):
+    config = make_config("fedaffect", "runlocal", **{field: value})
+    with pytest.raises(ValueError, match=match):
+        fedaffect.validate_config(config)
+
+
+def test_paper_and_real_data_configs_validate(make_config):
+    for arg in ("paper", "data=ckplus48", "data=fer2013", "data=ckplus48,mode=centralized",
+                "representation=none"):
+        fedaffect.validate_config(make_config("fedaffect", arg))
+    assert make_config("fedaffect", "paper").model.name == "resnet50v2"
+
+
+@pytest.mark.slow
+def test_centralized_runlocal(make_config, tmp_path):
+    config = make_config("fedaffect", "runlocal,mode=centralized")
+    results = fedaffect.run(config, str(tmp_path))
+    assert results["mode"] == "centralized" and 0 <= results["fewshot"]["accuracy"] <= 1
+    assert (tmp_path / "embedding_tsne.png").is_file()
