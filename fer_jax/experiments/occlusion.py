@@ -1,0 +1,420 @@
+"""Occlusion-robust FER by adversarial learning (configs/occlusion.py; PAPERS.md sec. 5).
+
+Centralized: the supervised driver's loop (deterministic batch order, fold_in(rng, step) keys,
+orbax checkpoint/resume, NaN checks) around the jitted D step + F+R step of
+fer_jax.steps.occlusion. Federated (`configs/occlusion.py:federated`): the same two steps run
+inside the engine's clients (`OcclusionClient`); F, R and D are averaged by the server.
+
+Reports (workdir): metrics.jsonl / TensorBoard; eval.json with the test accuracy under every
+evaluation mode (clean, synthetic occluders, R8, R16, R24, eyes, mouth), the mask IoU of phi
+against the true occluder, and the clean classification report; confusion_matrix.png; and
+occlusion_masks.png, the paper's Figure 2: occluded inputs, true masks, learned masks.
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from fer_jax import data as data_lib
+from fer_jax import federated as fl
+from fer_jax.data import occluders
+from fer_jax.data.augment import AugmentConfig
+from fer_jax.evaluation import metrics as metrics_lib
+from fer_jax.evaluation import plots
+from fer_jax.experiments import fedavg, supervised
+from fer_jax.io.checkpoint import Checkpointer
+from fer_jax.io.metrics import MetricWriter
+from fer_jax.io.progress import Progress
+from fer_jax.models.occlusion import FeatureDiscriminator, occlusion_net
+from fer_jax.steps import occlusion as steps
+
+BACKBONES = ("resnet18", "resnet50")
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULES = ("periodic_cosine", "constant")
+LANDMARKS = ("canonical", "mtcnn")
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
+def validate_config(config) -> None:
+    """Raises ValueError naming the first bad field; called by main before any work."""
+    check = supervised.config_checker(config)
+    check(config.data.name in data_lib.DATASETS, "data.name", f"one of {sorted(data_lib.DATASETS)}")
+    check(config.data.image_size >= 16, "data.image_size", "an image size >= 16")
+    check(config.data.channels in (1, 3), "data.channels", "1 or 3")
+    check(config.model.name in BACKBONES, "model.name", f"one of {BACKBONES}")
+    AugmentConfig(**config.augment)
+    occ = config.occlusion
+    check(0 <= occ.rate <= 1, "occlusion.rate", "a fraction in [0, 1]")
+    check(occ.lambda_noisy >= 0, "occlusion.lambda_noisy", ">= 0")
+    check(occ.lambda_adv >= 0, "occlusion.lambda_adv", ">= 0")
+    check(set(_names(occ.eval_modes)) <= set(occluders.EVAL_MODES) and _names(occ.eval_modes),
+          "occlusion.eval_modes", f"comma-separated names from {occluders.EVAL_MODES}")
+    check(occ.landmarks in LANDMARKS, "occlusion.landmarks", f"one of {LANDMARKS}")
+    try:
+        occluder_config(config).size_range(config.data.image_size)
+    except ValueError as e:
+        raise ValueError(f"config.occlusion (shapes/textures/min_frac/max_frac) or "
+                         f"config.data.image_size: {e}") from e
+    train = config.train
+    check(train.batch_size >= 1, "train.batch_size", "a positive batch size")
+    check(train.num_epochs > 0 or train.num_steps > 0, "train.num_epochs",
+          "> 0 (or train.num_steps > 0)")
+    check(train.learning_rate > 0, "train.learning_rate", "a positive learning rate")
+    check(0 <= train.min_learning_rate <= train.learning_rate, "train.min_learning_rate",
+          "in [0, train.learning_rate]")
+    check(train.optimizer in OPTIMIZERS, "train.optimizer", f"one of {OPTIMIZERS}")
+    check(train.schedule in SCHEDULES, "train.schedule", f"one of {SCHEDULES}")
+    check(train.period_epochs > 0, "train.period_epochs", "> 0")
+    check(config.checkpoint_every_steps >= 1, "checkpoint_every_steps", ">= 1")
+    check(config.log_every_steps >= 1, "log_every_steps", ">= 1")
+    if "fed" in config:
+        fed = config.fed
+        check(fed.partition in fedavg.PARTITIONS, "fed.partition", f"one of {fedavg.PARTITIONS}")
+        check(fed.rounds >= 1, "fed.rounds", ">= 1")
+        check(fed.cohort_size >= 1, "fed.cohort_size", ">= 1")
+        check(fed.server_optimizer in fedavg.SERVER_OPTIMIZERS, "fed.server_optimizer",
+              f"one of {fedavg.SERVER_OPTIMIZERS}")
+        check(fed.client_learning_rate > 0, "fed.client_learning_rate", "> 0")
+        check(fed.batch_size >= 1, "fed.batch_size", ">= 1")
+        check(fed.clients_per_call >= 1, "fed.clients_per_call", ">= 1")
+        check(fed.num_devices >= 0, "fed.num_devices", ">= 0 (0 = every device)")
+        check(config.checkpoint_every_rounds >= 1, "checkpoint_every_rounds", ">= 1")
+
+
+def occluder_config(config) -> occluders.OccluderConfig:
+    occ = config.occlusion
+    return occluders.OccluderConfig(min_frac=occ.min_frac, max_frac=occ.max_frac,
+                                    shapes=_names(occ.shapes), textures=_names(occ.textures))
+
+
+def periodic_cosine(lr_min: float, lr_max: float, period_steps: int):
+    """The paper's cosine periodic schedule (warm restarts every period, SGDR without growth):
+
+    lr(t) = lr_min + (lr_max - lr_min) / 2 * (1 + cos(pi * (t mod T) / T)).
+    """
+    period = max(int(period_steps), 1)
+
+    def schedule(step):
+        phase = jnp.mod(step, period) / period
+        return lr_min + 0.5 * (lr_max - lr_min) * (1 + jnp.cos(jnp.pi * phase))
+
+    return schedule
+
+
+def make_optimizer(train, learning_rate: float, steps_per_epoch: int):
+    """Adam with weight decay (paper Sec. 4.1). 'adam' adds wd * w to the gradient before Adam
+    (torch.optim.Adam(weight_decay=...), what the paper's PyTorch code would use); 'adamw'
+    decouples it."""
+    if train.schedule == "periodic_cosine":
+        lr = periodic_cosine(min(train.min_learning_rate, learning_rate), learning_rate,
+                             round(train.period_epochs * steps_per_epoch))
+    else:
+        lr = learning_rate
+    if train.optimizer == "adamw":
+        return optax.adamw(lr, weight_decay=train.weight_decay)
+    return optax.chain(optax.add_decayed_weights(train.weight_decay), optax.adam(lr))
+
+
+def build_models(config, num_classes: int):
+    net = occlusion_net(config.model.name, num_classes, attention=config.occlusion.attention,
+                        attention_hidden=config.model.attention_hidden,
+                        attention_convs=config.model.attention_convs, **config.model.kwargs)
+    return net, FeatureDiscriminator(config.model.disc_hidden)
+
+
+def settings_for(config, batch_size: int, augment: bool = True) -> steps.OcclusionSettings:
+    occ = config.occlusion
+    return steps.OcclusionSettings(
+        image_size=config.data.image_size, channels=config.data.channels,
+        attention=occ.attention, adversarial=occ.adversarial, lambda_noisy=occ.lambda_noisy,
+        lambda_adv=occ.lambda_adv, rate=occ.rate,
+        prior=steps.empirical_prior(occ.rate, batch_size),
+        augment=AugmentConfig(**config.augment) if augment else None,
+        occluder=occluder_config(config))
+
+
+def region_centres(config, split: data_lib.Split) -> dict[str, np.ndarray | None]:
+    """(N, 2) (row, col) centres of the eyes and mouth at the model's input size.
+
+    'mtcnn': detected landmarks per test image (canonical positions where no face is found);
+    'canonical': None (occluders.CANONICAL_CENTRES is applied on device).
+    """
+    if config.occlusion.landmarks == "canonical":
+        return {"eyes": None, "mouth": None}
+    from fer_jax.data.face import FaceDetector
+
+    detector, size = FaceDetector(), config.data.image_size
+    src_h, src_w = split.images.shape[1:3]
+    out = {r: np.zeros((len(split), 2), np.float32) for r in ("eyes", "mouth")}
+    missed = 0
+    for i, image in enumerate(split.images):
+        faces = detector(image)
+        for region in out:
+            if faces:
+                c = np.asarray(occluders.landmark_centres(region, faces[0].landmarks[None]))[0]
+                out[region][i] = c * np.array([size / src_h, size / src_w])
+            else:
+                out[region][i] = np.asarray(occluders.canonical_centres(region, 1, size, size))[0]
+        missed += not faces
+    logging.info("MTCNN landmarks: %d of %d test images without a face (canonical used)",
+                 missed, len(split))
+    return out
+
+
+def evaluate_modes(config, params, batch_stats, net, split: data_lib.Split, num_classes: int,
+                   class_names, centres=None):
+    """Accuracy and phi's mask IoU on `split` for every evaluation mode (fixed eval keys)."""
+    size, channels = config.data.image_size, config.data.channels
+    modes = _names(config.occlusion.eval_modes)
+    occ_cfg = occluder_config(config)
+    base = jax.random.PRNGKey(config.occlusion.eval_seed)
+    centres = centres or {}
+    results, reports = {"accuracy": {}, "mask_iou": {}}, {}
+
+    @functools.partial(jax.jit, static_argnames=("mode",))
+    def run(params, batch_stats, images, idx, cent, *, mode):
+        # Keyed by (mode, first index of the batch): every model sees the same occlusions.
+        key = jax.random.fold_in(jax.random.fold_in(base, occluders.EVAL_MODES.index(mode)),
+                                 idx[0])
+        x = steps.preprocess(images, image_size=size, channels=channels)
+        if mode in ("eyes", "mouth") and cent is not None:
+            x, masks = occluders.region_occlusion(
+                x, cent, occluders.scaled_size(occluders.REGION_SIZE, size))
+        else:
+            x, masks = occluders.eval_occlusion(mode, key, x, cfg=occ_cfg)
+        logits, probs = steps.predict(params, batch_stats, x, net=net)
+        true = steps.resize_masks(masks, probs.shape[1:3]) > 0.5
+        pred = probs > 0.5
+        inter = jnp.sum(true & pred, axis=(1, 2))
+        union = jnp.sum(true | pred, axis=(1, 2))
+        return jnp.argmax(logits, -1), inter, union
+
+    bs = config.eval_batch_size
+    for mode in modes:
+        preds, inter, union = [], 0, 0
+        cent_all = centres.get(mode)
+        for start in range(0, len(split), bs):
+            images = split.images[start:start + bs]
+            n = len(images)
+            idx = np.arange(start, start + bs, dtype=np.int32)
+            cent = None if cent_all is None else cent_all[start:start + bs]
+            if n < bs:  # A fixed batch shape: one compile per mode.
+                images = np.concatenate([images, np.zeros((bs - n, *images.shape[1:]),
+                                                          images.dtype)])
+                cent = None if cent is None else np.concatenate([cent, np.zeros((bs - n, 2),
+                                                                                np.float32)])
+            p, i, u = run(params, batch_stats, images, idx, cent, mode=mode)
+            preds.append(np.asarray(p)[:n])
+            inter += int(np.asarray(i)[:n].sum())
+            union += int(np.asarray(u)[:n].sum())
+        cm = metrics_lib.confusion_matrix(split.labels, np.concatenate(preds), num_classes)
+        reports[mode] = (cm, metrics_lib.classification_report(cm, class_names))
+        results["accuracy"][mode] = reports[mode][1]["accuracy"]
+        # Pixel IoU over the whole split, for models with phi and modes that occlude.
+        if mode != "clean" and config.occlusion.attention:
+            results["mask_iou"][mode] = inter / union if union else 0.0
+    return results, reports
+
+
+def save_mask_figure(config, params, batch_stats, net, split: data_lib.Split, path, title: str):
+    """The paper's Figure 2: synthetic occluded inputs, their true masks and phi's masks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = min(config.occlusion.figure_examples, len(split))
+    size, channels = config.data.image_size, config.data.channels
+    key = jax.random.PRNGKey(config.occlusion.eval_seed + 1)
+    fn = jax.jit(functools.partial(steps.predict_occluded, net=net, mode="synthetic",
+                                   image_size=size, channels=channels,
+                                   occluder=occluder_config(config)))
+    _, probs, x, masks = fn(params, batch_stats, split.images[:k], key)
+    probs = np.asarray(jax.image.resize(probs, (k, size, size), "linear"))
+    rows = [("occluded input", np.asarray(x).mean(-1)), ("true mask", np.asarray(masks)),
+            ("learned mask (phi)" if config.occlusion.attention else "no phi (M_Res/M_ResAdv)",
+             probs)]
+    fig, axes = plt.subplots(3, k, figsize=(1.4 * k, 4.6), squeeze=False)
+    for r, (name, images) in enumerate(rows):
+        for c in range(k):
+            axes[r, c].imshow(images[c], cmap="gray", vmin=0.0, vmax=1.0)
+            axes[r, c].set_xticks([])
+            axes[r, c].set_yticks([])
+        axes[r, 0].set_ylabel(name, fontsize=7)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return pathlib.Path(path)
+
+
+def variant_name(config) -> str:
+    occ = config.occlusion
+    return "M_Res" + ("Att" if occ.attention else "") + ("Adv" if occ.adversarial else "")
+
+
+def run(config, workdir: str) -> dict:
+    workdir = pathlib.Path(workdir)
+    writer = MetricWriter(workdir)
+    writer.write_json("config.json", config.to_dict())
+    t_start = time.perf_counter()
+    dataset = data_lib.load(config.data)
+    train, test = dataset[config.data.train_split], dataset[config.data.eval_split]
+    logging.info("%s %s: classes %s, train %d, test %d", variant_name(config), dataset.name,
+                 dataset.class_names, len(train), len(test))
+    net, disc = build_models(config, dataset.num_classes)
+    if "fed" in config:
+        params, batch_stats, steps_done = _train_federated(config, workdir, writer, net, disc,
+                                                           dataset, train, test)
+    else:
+        params, batch_stats, steps_done = _train_centralized(config, workdir, writer, net, disc,
+                                                             dataset, train, test)
+    train_seconds = time.perf_counter() - t_start
+
+    centres = region_centres(config, test)
+    results, reports = evaluate_modes(config, params, batch_stats, net, test, dataset.num_classes,
+                                      dataset.class_names, centres)
+    writer.write(steps_done, {f"eval/{m}_accuracy": a for m, a in results["accuracy"].items()})
+    name = variant_name(config)
+    if "clean" in reports:
+        cm, report = reports["clean"]
+        plots.save_confusion_matrix(cm, dataset.class_names, workdir / "confusion_matrix.png",
+                                    title=f"{name} on {dataset.name}: clean acc "
+                                          f"{report['accuracy']:.3f}")
+        results["test"], results["confusion_matrix"] = report, cm.tolist()
+    save_mask_figure(config, params, batch_stats, net, test, workdir / "occlusion_masks.png",
+                     f"{name} on {dataset.name}: synthetic occluders, true and learned masks")
+    results.update(variant=name, dataset=dataset.name, class_names=list(dataset.class_names),
+                   steps=steps_done, seed=config.seed, train_seconds=train_seconds,
+                   wall_seconds=time.perf_counter() - t_start)
+    writer.write_json("eval.json", results)
+    logging.info("%s accuracy: %s", name, {m: round(a, 4)
+                                           for m, a in results["accuracy"].items()})
+    writer.close()
+    return results
+
+
+def _train_centralized(config, workdir, writer, net, disc, dataset, train, test):
+    order = supervised.EpochOrder(len(train), config.train.batch_size, config.seed)
+    total = config.train.num_steps or int(config.train.num_epochs * order.steps_per_epoch)
+    tx = make_optimizer(config.train, config.train.learning_rate, order.steps_per_epoch)
+    d_tx = make_optimizer(config.train, config.train.d_learning_rate or config.train.learning_rate,
+                          order.steps_per_epoch)
+    shape = (config.data.image_size, config.data.image_size, config.data.channels)
+    settings = settings_for(config, config.train.batch_size)
+    state = steps.init_state(net, disc, tx, d_tx, seed=config.seed, input_shape=shape,
+                             adversarial=config.occlusion.adversarial)
+    checkpointer = Checkpointer(workdir, every_steps=config.checkpoint_every_steps)
+    state, start = checkpointer.restore_or(state)
+    if start:
+        logging.info("resumed from the checkpoint of step %d in %s", start, checkpointer.directory)
+    train_step = jax.jit(functools.partial(steps.train_step, net=net, disc=disc, tx=tx,
+                                           d_tx=d_tx, settings=settings), donate_argnums=0)
+    eval_every = config.eval_every_steps or order.steps_per_epoch
+    clean_predict = jax.jit(lambda p, b, x: steps.predict(
+        p, b, steps.preprocess(x, image_size=shape[0], channels=shape[2]), net=net)[0])
+
+    progress = Progress(total, desc="train", start=start)
+    sums, window, t0 = {}, 0, time.perf_counter()
+    for step in range(start, total):
+        idx = np.sort(order.indices(step))
+        state, m = train_step(state, {"image": train.images[idx], "label": train.labels[idx]})
+        sums = {k: sums.get(k, 0.0) + v for k, v in m.items()}
+        window += 1
+        done = step + 1
+        if done % config.log_every_steps == 0 or done == total:
+            supervised._check_finite(sums["loss"], done, checkpointer)
+            seconds = time.perf_counter() - t0
+            writer.write(done, {**{f"train/{k}": v / window for k, v in sums.items()},
+                                "train/images_per_s": window * config.train.batch_size / seconds,
+                                "train/epoch": done / order.steps_per_epoch})
+            progress.update(done, loss=float(sums["loss"] / window))
+            sums, window, t0 = {}, 0, time.perf_counter()
+        if checkpointer.should_save(done) or done == total:
+            if sums:
+                supervised._check_finite(sums["loss"], done, checkpointer)
+            checkpointer.save(done, state)
+        if done % eval_every == 0 and done != total:
+            cm = supervised.evaluate(functools.partial(clean_predict, state.params,
+                                                       state.batch_stats), test,
+                                     config.eval_batch_size, dataset.num_classes)
+            writer.write(done, {"eval/clean_accuracy": float(np.trace(cm) / max(cm.sum(), 1))})
+    checkpointer.close()
+    return state.params, state.batch_stats, total
+
+
+def _train_federated(config, workdir, writer, net, disc, dataset, train, test):
+    fed = config.fed
+    parts = fedavg.partition(config, train, dataset.num_classes)
+    summary = parts.summary(train.labels, dataset.num_classes)
+    writer.write_json("partition.json", summary)
+    population = fl.ArrayPopulation.from_clients(
+        [{"image": train.images[i], "label": train.labels[i].astype(np.int32)}
+         for i in parts.client_indices])
+    sampler = fl.CohortSampler(population.num_clients, min(fed.cohort_size,
+                                                           population.num_clients))
+    shape = (config.data.image_size, config.data.image_size, config.data.channels)
+    x = jnp.zeros((1, *shape), jnp.float32)
+    variables = net.init(jax.random.PRNGKey(config.seed), x, train=False)
+    feats = net.apply(variables, x, train=False)["embedding"]
+    variables = {"params": {"net": variables["params"],
+                            "disc": disc.init(jax.random.PRNGKey(config.seed + 7),
+                                              feats)["params"]},
+                 **({"batch_stats": variables["batch_stats"]} if "batch_stats" in variables
+                    else {})}
+    most_steps = fed.local_epochs * -(-summary["sizes"]["max"] // fed.batch_size)
+    buckets = tuple(b for b in fl.packing.DEFAULT_STEP_BUCKETS if b < most_steps) + (most_steps,)
+    client_opt = optax.adam(fed.client_learning_rate)
+    method = steps.OcclusionClient(net, disc, client_opt, client_opt,
+                                   settings_for(config, fed.batch_size))
+    server_kwargs = {} if fed.server_learning_rate <= 0 else {
+        "learning_rate": fed.server_learning_rate}
+    engine = fl.FederatedEngine(
+        method, server_optimizer=fl.server_optimizer(fed.server_optimizer, **server_kwargs),
+        packing=fl.PackingConfig(batch_size=fed.batch_size, local_epochs=fed.local_epochs,
+                                 clients_per_call=fed.clients_per_call, step_buckets=buckets),
+        backend=fl.RoundBackend(vmap_width=fed.vmap_width, step_unroll=fed.unroll,
+                                group_unroll=fed.unroll),
+        weighting=fed.weighting,
+        mesh=fl.clients_mesh(jax.devices()[:fed.num_devices] if fed.num_devices else None))
+    state = engine.init(variables)
+    checkpointer = Checkpointer(workdir, every_steps=config.checkpoint_every_rounds)
+    state, start = checkpointer.restore_or(state)
+    if start:
+        state = engine.place(state)
+        logging.info("resumed from round %d in %s", start, checkpointer.directory)
+    key = jax.random.PRNGKey(config.seed + 1)
+    progress = Progress(fed.rounds, desc="rounds", start=start)
+    for r in range(start, fed.rounds):
+        t0 = time.perf_counter()
+        plan = engine.plan(population, sampler.sample(config.seed, r))
+        try:
+            state, result = engine.run_round(state, population, plan, key, seed=config.seed)
+        except fl.NonFiniteClientError as e:
+            raise FloatingPointError(
+                f"round {r + 1}: non-finite updates from clients {e.client_ids}; the last good "
+                f"checkpoint (round {checkpointer.latest_step()}) is kept in "
+                f"{checkpointer.directory}") from e
+        count = max(result.totals["count"], 1.0)
+        writer.write(r + 1, {**{f"train/{k[:-4]}": v / count for k, v in result.totals.items()
+                                if k.endswith("_sum")},
+                             "train/accuracy": result.totals["correct"] / count,
+                             "round/seconds": time.perf_counter() - t0,
+                             "round/clients": result.client_updates})
+        progress.update(r + 1, loss=result.totals["loss_sum"] / count)
+        if checkpointer.should_save(r + 1) or r + 1 == fed.rounds:
+            checkpointer.save(r + 1, state)
+    checkpointer.close()
+    v = fl.mesh.to_host(state.variables)
+    return v["params"]["net"], v.get("batch_stats", {}), fed.rounds

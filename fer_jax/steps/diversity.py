@@ -1,0 +1,242 @@
+"""Jitted steps of the diversified FER models: ESR-B + CBAM and the MA-Net style network.
+
+Heidari & Iosifidis, *Learning diversified feature representations for FER in the wild*:
+
+    Eq. (4)  L_esr = sum_b CE(f_b(X)) - (w_ch D_ch + w_sp D_sp)
+             D_ch / D_sp = det(S) (Eq. (1)-(2)) over the branches' last CBAM channel vectors
+             / spatial maps (`fer_jax.models.esr`)
+    Eq. (5)  L = lam CE_local + (1 - lam) CE_global - (w_b D_b + w_sp D_sp + w_ch D_ch)
+             D_sp / D_ch over the 4 local patches (mean over channels / over space), D_b over
+             the pooled global and local features (`fer_jax.models.manet`); lam = 0.6.
+
+The paper's weights are all 1. With one learner (ESR-1, or the first stage of progressive
+training) there is no diversity term: det of a 1x1 similarity matrix is the constant 1.
+
+Module-level pure functions; model, optimizer and loss come in through `functools.partial`
+and the caller donates the state (as `fer_jax.steps.supervised`, whose TrainState, init_state
+and preprocess are reused here).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fer_jax import losses
+from fer_jax.data.augment import AugmentConfig, augment_batch
+from fer_jax.steps.supervised import TrainState, init_state, preprocess
+
+__all__ = ["TrainState", "add_branch", "esr_loss", "federated_loss", "group_scales",
+           "init_state", "make_loss", "manet_loss", "masked_det_diversity", "predict",
+           "predicted_classes", "train_step"]
+
+LossFn = Callable[..., tuple[jax.Array, dict]]
+
+
+def masked_det_diversity(phi: jax.Array, mask: jax.Array | None, *, gamma: float,
+                         per_feature: bool = False) -> jax.Array:
+    """det(S) of `losses.det_diversity` with S averaged over the unmasked samples only.
+
+    Padded samples (mask 0) are set equal across learners, so each adds exp(0) = 1 to every
+    entry of the all-sample sum N * S; removing them is exact: S_valid = (N S - n_pad) / n_valid
+    (the diagonal stays 1). Returns 0 when no sample is valid.
+
+    per_feature=True uses gamma / D for D features per learner (the RBF of the *mean* squared
+    difference). Not in the paper: with Eq. (1)'s sum, gamma = 10 saturates det(S) at 1 (zero
+    gradient) for 36-pixel maps or 128-channel vectors whose entries differ by ~0.2-0.4.
+    """
+    if per_feature:
+        gamma = gamma / math.prod(phi.shape[2:])
+    if mask is None:
+        return losses.det_diversity(phi, gamma=gamma)
+    keep = mask.astype(bool).reshape((1, -1) + (1,) * (phi.ndim - 2))
+    n = phi.shape[1]
+    n_valid = jnp.sum(mask.astype(bool)).astype(phi.dtype)
+    s_all = losses.rbf_similarity(jnp.where(keep, phi, 0.0), gamma=gamma)
+    s = (n * s_all - (n - n_valid)) / jnp.maximum(n_valid, 1.0)
+    return jnp.where(n_valid > 0, jnp.linalg.det(s), 0.0)
+
+
+def _ce(logits, labels, mask):
+    return losses.weighted_cross_entropy(logits, labels, mask=mask)
+
+
+def esr_loss(out: Mapping, labels: jax.Array, mask: jax.Array | None = None, *,
+             gamma: float, spatial_weight: float = 1.0, channel_weight: float = 1.0,
+             per_feature: bool = False):
+    """Eq. (4): sum of the active branches' CE minus the weighted attention diversities.
+
+    `out` is an `ESR` output. Diversity needs CBAM maps and >= 2 active branches; otherwise
+    (and for zero weights) the term is absent and reported as 0.
+    """
+    branch_logits = out["branch_logits"]
+    ce = sum(_ce(branch_logits[b], labels, mask) for b in range(branch_logits.shape[0]))
+    zero = jnp.zeros((), jnp.float32)
+    d_sp = d_ch = zero
+    att = out.get("attention")
+    if att is not None and branch_logits.shape[0] >= 2:
+        if spatial_weight:
+            d_sp = masked_det_diversity(att["spatial"], mask, gamma=gamma,
+                                        per_feature=per_feature)
+        if channel_weight:
+            d_ch = masked_det_diversity(att["channel"], mask, gamma=gamma,
+                                        per_feature=per_feature)
+    loss = ce - (spatial_weight * d_sp + channel_weight * d_ch)
+    return loss, {"ce": ce, "d_sp": d_sp, "d_ch": d_ch}
+
+
+def manet_loss(out: Mapping, labels: jax.Array, mask: jax.Array | None = None, *,
+               gamma: float, local_weight: float = 0.6, branch_weight: float = 1.0,
+               spatial_weight: float = 1.0, channel_weight: float = 1.0,
+               per_feature: bool = False):
+    """Eq. (5) for a `MANet` output: weighted local/global CE minus branch and patch diversity."""
+    ce_local = _ce(out["local_logits"], labels, mask)
+    ce_global = _ce(out["global_logits"], labels, mask)
+    patches = out["patch_features"]  # (P, N, h, w, C)
+    zero = jnp.zeros((), jnp.float32)
+    det = functools.partial(masked_det_diversity, mask=mask, gamma=gamma,
+                            per_feature=per_feature)
+    d_sp = det(losses.spatial_pool(patches)) if spatial_weight else zero
+    d_ch = det(losses.channel_pool(patches)) if channel_weight else zero
+    d_b = det(jnp.stack([out["global_embedding"], out["local_embedding"]])) if branch_weight \
+        else zero
+    ce = local_weight * ce_local + (1.0 - local_weight) * ce_global
+    loss = ce - (branch_weight * d_b + spatial_weight * d_sp + channel_weight * d_ch)
+    return loss, {"ce": ce, "ce_local": ce_local, "ce_global": ce_global, "d_b": d_b,
+                  "d_sp": d_sp, "d_ch": d_ch}
+
+
+def make_loss(model_name: str, diversity) -> LossFn:
+    """The loss of `model_name` ('esr' | 'manet') with the weights of a config's `diversity`."""
+    if model_name == "esr":
+        return functools.partial(esr_loss, gamma=diversity.gamma,
+                                 per_feature=diversity.gamma_per_feature,
+                                 spatial_weight=diversity.spatial_weight,
+                                 channel_weight=diversity.channel_weight)
+    if model_name == "manet":
+        return functools.partial(manet_loss, gamma=diversity.gamma,
+                                 per_feature=diversity.gamma_per_feature,
+                                 local_weight=diversity.local_weight,
+                                 branch_weight=diversity.branch_weight,
+                                 spatial_weight=diversity.spatial_weight,
+                                 channel_weight=diversity.channel_weight)
+    raise ValueError(f"model_name must be 'esr' or 'manet', got {model_name!r}")
+
+
+def predicted_classes(out: Mapping) -> jax.Array:
+    """ESR: plurality vote of the branches (Siqueira et al.); otherwise argmax of 'logits'."""
+    if "branch_logits" in out:
+        return losses.ensemble_vote(out["branch_logits"])
+    return jnp.argmax(out["logits"], axis=-1).astype(jnp.int32)
+
+
+def group_scales(num_branches: int, num_active: int, *, base: float = 1.0,
+                 old_branches: float = 1.0) -> dict[str, float]:
+    """Update multipliers per top-level ESR parameter group for one progressive stage.
+
+    The newest active branch gets 1, earlier branches `old_branches`, the base `base`, and
+    inactive branches 0 (their parameters must not move, not even by weight decay).
+    """
+    scales = {"base": base}
+    for i in range(num_branches):
+        scales[f"branch_{i}"] = (1.0 if i == num_active - 1 else
+                                 old_branches if i < num_active else 0.0)
+    return scales
+
+
+def add_branch(state: TrainState, index: int) -> TrainState:
+    """Initialises branch `index` as a copy of branch `index - 1` (params and BN statistics).
+
+    Used when progressive training activates a branch with ``new_branch_init='copy'``.
+    """
+    if index < 1:
+        raise ValueError(f"add_branch needs index >= 1 (a branch to copy), got {index}")
+    src, dst = f"branch_{index - 1}", f"branch_{index}"
+    # Real copies: the jitted step donates the state, and one buffer cannot be donated twice.
+    params = {**state.params, dst: jax.tree.map(jnp.array, state.params[src])}
+    stats = dict(state.batch_stats)
+    if src in stats:
+        stats[dst] = jax.tree.map(jnp.array, stats[src])
+    return state.replace(params=params, batch_stats=stats)
+
+
+def _scale(tree, factor: float):
+    return jax.tree.map(lambda u: u * factor, tree)
+
+
+def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn: LossFn,
+               augment: AugmentConfig | None, image_size: int, channels: int,
+               num_active: int | None = None, scales: Mapping[str, float] | None = None):
+    """One update on `batch` = {'image': uint8 (N,H,W,C), 'label': int (N,)}.
+
+    `num_active` (ESR only) runs the first b branches; `scales` multiplies the optimizer's
+    updates per top-level parameter group (progressive ESR stages, see `group_scales`).
+    """
+    key = jax.random.fold_in(state.rng, state.step)
+    k_aug, k_dropout = jax.random.split(key)
+    images = preprocess(batch["image"], image_size=image_size, channels=channels)
+    if augment is not None:
+        images = augment_batch(k_aug, images, augment)
+    labels = batch["label"]
+    kwargs = {} if num_active is None else {"num_active": num_active}
+
+    def objective(params):
+        out, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, images,
+                                   train=True, mutable=["batch_stats"],
+                                   rngs={"dropout": k_dropout}, **kwargs)
+        loss, parts = loss_fn(out, labels)
+        # Branches that did not run keep their statistics.
+        stats = {**state.batch_stats, **updates.get("batch_stats", {})}
+        return loss, (predicted_classes(out), parts, stats)
+
+    (loss, (pred, parts, stats)), grads = jax.value_and_grad(objective, has_aux=True)(
+        state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    if scales is not None:
+        updates = {k: _scale(v, scales.get(k, 1.0)) for k, v in updates.items()}
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "accuracy": jnp.mean(pred == labels),
+               "grad_norm": optax.global_norm(grads), **parts}
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=stats,
+                              opt_state=opt_state)
+    return new_state, metrics
+
+
+def predict(params, batch_stats, images: jax.Array, *, model, image_size: int,
+            channels: int) -> dict[str, jax.Array]:
+    """Eval-mode logits of uint8 images: every output whose name ends in 'logits'."""
+    x = preprocess(images, image_size=image_size, channels=channels)
+    out = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
+    return {k: v for k, v in out.items() if k.endswith("logits")}
+
+
+def federated_loss(apply_fn: Callable, loss_fn: LossFn) -> Callable:
+    """The engine's `loss_fn(params, model_state, batch, mask, key)` for a diversity model.
+
+    `apply_fn(variables, images, train=True, mutable=..., rngs=...)` takes uint8 images (see
+    `fer_jax.experiments.fedavg._apply_fn`). Padded examples are masked out of the CE and of
+    the similarity averages; metric sums are loss_sum, correct, count and the diversities
+    times count (so the engine's sums / count are means).
+    """
+
+    def engine_loss(params, model_state, batch, mask, key):
+        variables = {"params": params, **model_state}
+        live = [k for k in ("batch_stats",) if k in model_state]
+        out = apply_fn(variables, batch["image"], train=True, mutable=live or False,
+                       rngs={"dropout": key})
+        out, new_state = out if live else (out, {})
+        labels = batch["label"]
+        loss, parts = loss_fn(out, labels, mask)
+        m = mask.astype(jnp.float32)
+        count = m.sum()
+        correct = jnp.sum((predicted_classes(out) == labels) * m)
+        sums = {"loss_sum": loss * count, "correct": correct, "count": count}
+        sums.update({f"{k}_sum": v * count for k, v in parts.items()})
+        return loss, ({**model_state, **new_state}, sums)
+
+    return engine_loss
