@@ -87,6 +87,8 @@ def get_config(arg=None):
     config.eval_every_steps = 0  # 0 = once per epoch.
     config.checkpoint_every_steps = 500
     config.eval_batch_size = 256
+    # Test-time augmentation: average the softmax of each image and its mirror image.
+    config.eval_flip_tta = arg.data in ("fer2013", "ferplus")
 
     if arg.runlocal:
         config.train.batch_size = 32

@@ -60,3 +60,20 @@ def test_train_step_fits_a_fixed_batch():
     logits = steps.predict(state.params, state.batch_stats, batch["image"], model=model,
                            image_size=16, channels=1)
     assert float(jnp.mean(jnp.argmax(logits, -1) == batch["label"])) == 1.0
+
+
+def test_flip_tta_is_the_log_mean_softmax_of_the_image_and_its_mirror():
+    model = models.get_model("small_cnn", num_classes=3, widths=(4, 8), convs_per_stage=(1, 1),
+                             dense=8)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)), train=False)
+    images = np.asarray(jax.random.randint(jax.random.key(1), (2, 16, 16, 1), 0, 256), np.uint8)
+    kw = dict(model=model, image_size=16, channels=1)
+    plain = steps.predict(variables["params"], variables.get("batch_stats", {}), images, **kw)
+    mirror = steps.predict(variables["params"], variables.get("batch_stats", {}),
+                           images[:, :, ::-1], **kw)
+    tta = steps.predict(variables["params"], variables.get("batch_stats", {}), images,
+                        flip_tta=True, **kw)
+    p = [np.exp(np.float64(v) - np.max(v, -1, keepdims=True)) for v in (plain, mirror)]
+    want = np.log((p[0] / p[0].sum(-1, keepdims=True) + p[1] / p[1].sum(-1, keepdims=True)) / 2)
+    np.testing.assert_allclose(tta, want, atol=1e-5)
+    assert not np.allclose(plain, mirror)  # The test would not see a missing mirror otherwise.

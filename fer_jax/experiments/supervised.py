@@ -162,7 +162,8 @@ def run(config, workdir: str) -> dict:
     train_step = jax.jit(functools.partial(
         steps.train_step, model=model, tx=tx, augment=AugmentConfig(**config.augment),
         class_weights=class_weights, **shape_kw), donate_argnums=0)
-    predict = jax.jit(functools.partial(steps.predict, model=model, **shape_kw))
+    predict = jax.jit(functools.partial(steps.predict, model=model,
+                                        flip_tta=config.eval_flip_tta, **shape_kw))
     eval_every = config.eval_every_steps or order.steps_per_epoch
 
     def eval_split(split, name, step):

@@ -82,7 +82,17 @@ def train_step(state: TrainState, batch: dict, *, model, tx, augment: AugmentCon
 
 
 def predict(params, batch_stats, images: jax.Array, *, model, image_size: int,
-            channels: int) -> jax.Array:
-    """Logits of uint8 images in eval mode (running BatchNorm statistics, no dropout)."""
+            channels: int, flip_tta: bool = False) -> jax.Array:
+    """Logits of uint8 images in eval mode (running BatchNorm statistics, no dropout).
+
+    `flip_tta`: test-time augmentation with the horizontal mirror; returns the log of the mean
+    of the two softmax outputs (a log-probability, so argmax and cross entropy still apply).
+    """
     x = preprocess(images, image_size=image_size, channels=channels)
-    return model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)["logits"]
+    variables = {"params": params, "batch_stats": batch_stats}
+    logits = model.apply(variables, x, train=False)["logits"]
+    if not flip_tta:
+        return logits
+    flipped = model.apply(variables, x[:, :, ::-1], train=False)["logits"]
+    probs = (jax.nn.softmax(logits, -1) + jax.nn.softmax(flipped, -1)) / 2
+    return jnp.log(probs)
