@@ -184,7 +184,15 @@ def load_video_corpus(folder, *, settings: FaceSettings = FaceSettings(), cache_
     folder = pathlib.Path(folder)
     rows = read_labels(folder / "labels.csv")
     class_names = classes_lib.canonical_order(r["emotion"] for r in rows)
-XX: len(rows), "decoded": 0, "from_cache": 0, "unreadable": [],
+    if detector is None:
+        from fer_jax.data.face import FaceDetector
+
+        # One detector for the corpus: its jitted nets compile once per frame-size bucket.
+        detector = FaceDetector(min_face_size=settings.min_face_size)
+    cache = pathlib.Path(cache_dir) / "frames" if cache_dir else None
+    if cache:
+        cache.mkdir(parents=True, exist_ok=True)
+    report = {"listed": len(rows), "decoded": 0, "from_cache": 0, "unreadable": [],
               "no_face": [], "frames_without_face": 0, "truncated": 0}
     names, subjects, labels, frames, keys = [], [], [], [], []
     for row in rows:
