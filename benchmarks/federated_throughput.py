@@ -44,11 +44,22 @@ def build_model(name):
     import jax.numpy as jnp
 
     if name == "cnn":
-        try:
-            from fer_jax.models import get_model
-            return get_model("small_cnn", num_classes=7), "fer_jax.models small_cnn"
-        except (ImportError, KeyError, ValueError):
-            pass
+        from fer_jax.models import get_model
+
+        # The small CNN of configs/supervised.py with configs/fedavg.py's federated settings
+        # (no BatchNorm: padded client batches would enter its statistics).
+        cnn = get_model("small_cnn", num_classes=7, widths=(24, 48, 96, 192),
+                        convs_per_stage=(1, 2, 2, 1), dense=256, dropout=0.3, norm="none")
+
+        class ScaledCNN(nn.Module):
+            """uint8 images -> [0, 1] -> the small CNN (as fedavg's apply function does)."""
+
+            inner: nn.Module
+
+            def __call__(self, x, *, train):
+                return self.inner(x.astype(jnp.float32) / 255.0, train=train)
+
+        return ScaledCNN(cnn), "small_cnn 24-48-96-192, convs (1,2,2,1), dense 256, no norm"
 
     class MLP(nn.Module):
         """2304-128-7 on images scaled to [0, 1]."""
