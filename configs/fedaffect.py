@@ -66,6 +66,7 @@ def get_config(arg=None):
     config.model.projector_out = 128
     config.model.relation_features = 64  # Sung et al. 2018.
     config.model.relation_hidden = 8
+    config.model.relation_norm = "none"  # none | group (GroupNorm after each conv block)
 
     fa = config.fedaffect = ml_collections.ConfigDict()
     fa.mode = arg.mode  # federated | centralized (same models and budget, one pooled learner)

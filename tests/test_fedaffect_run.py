@@ -108,6 +108,7 @@ def test_run_without_unlabeled_or_labeled_clients_fails_clearly(make_config, tmp
     ("fedaffect.mode", "split", "fedaffect.mode"),
     ("repr.batch_size", 1, "repr.batch_size"),
     ("fedaffect.unlabeled", "some", "fedaffect.unlabeled"),
+    ("model.relation_norm", "batch", "model.relation_norm"),
 ])
 def test_validate_config_names_the_field(make_config, field, value, match):
     config = make_config("fedaffect", "runlocal", **{field: value})

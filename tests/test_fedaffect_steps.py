@@ -103,6 +103,29 @@ def test_fewshot_learner_sums_k_shots():
     np.testing.assert_allclose(scores, np.asarray(explicit).reshape(2, 3), rtol=1e-5, atol=1e-6)
 
 
+def test_relation_group_norm_factored_exact_and_per_pair():
+    enc = _encoder()
+    _, few = relation.build_learners(enc, num_classes=3, relation_features=8,
+                                     relation_norm="group")
+    x = jnp.asarray(np.random.default_rng(0).random((5, 16, 16, 1)), jnp.float32)
+    sl = jnp.array([0, 1, 2])
+    v = few.init(jax.random.PRNGKey(0), x[:3], sl, x[3:], train=False)
+    assert "norm1" in v["params"]["relation"] and "norm2" in v["params"]["relation"]
+    scores = np.asarray(few.apply(v, x[:3], sl, x[3:], train=False))
+    maps = np.asarray(few.apply(v, x, train=False, method="features"))
+    pairs = relation.pair_maps(jnp.asarray(maps[:3]), jnp.asarray(maps[3:]))
+    rel = relation.RelationModule(8, 8, norm="group")
+    explicit = np.asarray(rel.apply({"params": v["params"]["relation"]}, pairs))
+    np.testing.assert_allclose(scores, explicit.reshape(2, 3), rtol=1e-5, atol=1e-6)
+    # Per pair: adding a zero (padding) pair changes no other pair's score.
+    padded = jnp.concatenate([pairs, jnp.zeros_like(pairs[:1])])
+    np.testing.assert_allclose(
+        np.asarray(rel.apply({"params": v["params"]["relation"]}, padded))[:6], explicit,
+        rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="norm"):
+        relation.RelationModule(8, 8, norm="batch").init(jax.random.PRNGKey(0), pairs)
+
+
 def _setup_simclr(lr=0.1):
     enc = _encoder()
     rep, _ = relation.build_learners(enc, num_classes=3, projector_hidden=16, projector_out=8)

@@ -130,7 +130,7 @@ def test_get_model_unknown_name_lists_the_names():
 @pytest.mark.parametrize(
     "build, match",
     [
-        (lambda: models.SmallCNN(7, norm="group"), "norm"),
+        (lambda: models.SmallCNN(7, norm="layer"), "norm"),
         (lambda: models.SmallCNN(7, widths=()), "widths"),
         (lambda: models.SmallCNN(7, dropout=1.0), "dropout"),
         (lambda: models.SmallCNN(0), "num_classes"),
@@ -393,3 +393,60 @@ def test_small_cnn_convs_per_stage():
     assert convs == ["conv1_1", "conv2_1", "conv2_2"]
     with pytest.raises(ValueError, match="convs_per_stage"):
         models.get_model("small_cnn", num_classes=3, widths=(4, 8), convs_per_stage=(1, 0, 2))
+
+
+def _group_norm_reference(x, groups, scale, bias, eps=1e-5):
+    """NumPy GroupNorm (Wu & He 2018, Eq. 1-3): per example and group over (H, W, C / G)."""
+    n, h, w, c = x.shape
+    g = x.reshape(n, h, w, groups, c // groups).astype(np.float64)
+    mean = g.mean(axis=(1, 2, 4), keepdims=True)
+    var = g.var(axis=(1, 2, 4), keepdims=True)
+    y = ((g - mean) / np.sqrt(var + eps)).reshape(n, h, w, c)
+    return y * scale + bias
+
+
+def test_group_norm_matches_numpy_and_is_per_example():
+    x = np.asarray(_normal((3, 5, 4, 12)))
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            norm = layers.make_norm("group", train=True, momentum=0.9, epsilon=1e-5, groups=8)
+            return norm("gn")(x)
+
+    net = Net()
+    v = net.init(KEY, x)
+    assert set(v) == {"params"}  # No batch statistics.
+    rng = np.random.default_rng(4)
+    v = {"params": {"gn": {"scale": jnp.asarray(rng.normal(size=12), jnp.float32),
+                           "bias": jnp.asarray(rng.normal(size=12), jnp.float32)}}}
+    out = np.asarray(net.apply(v, jnp.asarray(x)))
+    # gcd(8, 12) = 4 groups of 3 channels.
+    ref = _group_norm_reference(x, 4, np.asarray(v["params"]["gn"]["scale"]),
+                                np.asarray(v["params"]["gn"]["bias"]))
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+    # Per example: zero padding rows (or any other rows) leave the real rows' outputs unchanged.
+    padded = np.concatenate([x[:2], np.zeros_like(x[:1]), 100 * x[2:] + 7])
+    out_p = np.asarray(net.apply(v, jnp.asarray(padded)))
+    np.testing.assert_allclose(out_p[:2], out[:2], rtol=1e-5, atol=1e-5)
+    assert np.all(np.isfinite(out_p))
+
+
+@pytest.mark.parametrize("name, kwargs, shape", [
+    ("small_cnn", {"widths": (8, 16)}, (3, 16, 16, 1)),
+    ("resnet18", {"stem": "small"}, (3, 16, 16, 1)),
+])
+def test_group_norm_models_are_per_example(name, kwargs, shape):
+    model = get_model(name, num_classes=None, norm="group", **kwargs)
+    x = _images(shape)
+    v = model.init(KEY, x, train=False)
+    assert set(v) == {"params"}
+    names = {"/".join(str(k.key) for k in path) for path, _ in
+             jax.tree_util.tree_flatten_with_path(v)[0]}
+    assert any("scale" in n for n in names)  # GroupNorm scales exist.
+    out = np.asarray(model.apply(v, x, train=True)["embedding"])
+    padded = jnp.concatenate([x, jnp.zeros_like(x[:2])])
+    out_p = np.asarray(model.apply(v, padded, train=True)["embedding"])
+    np.testing.assert_allclose(out_p[:3], out, rtol=1e-5, atol=1e-5)
+    # Different images still give different embeddings (the net is not a constant).
+    assert not np.allclose(out[0], out[1])

@@ -66,9 +66,11 @@ def validate_config(config) -> None:
     check(config.data.image_size >= 16, "data.image_size", "an image size >= 16")
     check(config.data.channels in (1, 3), "data.channels", "1 or 3")
     check(config.model.name in ENCODERS, "model.name", f"one of {ENCODERS}")
-    check(config.model.kwargs.get("norm") == "none", "model.kwargs",
-          "norm='none' (clients pad partial batches; BatchNorm would mix padding into its "
-          "statistics)")
+    check(config.model.kwargs.get("norm") in relation.NORMS, "model.kwargs",
+          f"norm in {relation.NORMS} (clients pad partial batches; BatchNorm would mix padding "
+          "into its statistics)")
+    check(config.model.get("relation_norm", "none") in relation.NORMS, "model.relation_norm",
+          f"one of {relation.NORMS}")
     fa, rep, few, fed = config.fedaffect, config.repr, config.fewshot, config.fed
     check(fa.mode in MODES, "fedaffect.mode", f"one of {MODES}")
     check(fa.representation in REPRESENTATIONS, "fedaffect.representation",
@@ -169,7 +171,7 @@ def build_models(config, num_classes: int):
     return relation.build_learners(
         encoder, num_classes=num_classes, projector_hidden=m.projector_hidden,
         projector_out=m.projector_out, relation_features=m.relation_features,
-        relation_hidden=m.relation_hidden)
+        relation_hidden=m.relation_hidden, relation_norm=m.get("relation_norm", "none"))
 
 
 def init_variables(config, rep_model, few_model, num_classes: int):

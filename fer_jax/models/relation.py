@@ -11,8 +11,9 @@ FedAffect (Shome & Kar), Fig. 1-2 and Algorithm 1:
 The relation module is Sung et al. 2018 (*Learning to Compare*, Fig. 2): two conv blocks (3x3
 conv with `features` filters + ReLU + 2x2 max pool), then Dense(`hidden`) + ReLU, Dense(1) +
 sigmoid. Sung et al. put BatchNorm in each block; FedAffect's federated clients pad partial
-batches, whose statistics BN would mix in, so `norm` is 'none' (a bias instead), as for the
-encoders of the federated runs (configs/fedaffect.py).
+batches, whose statistics BN would mix in, so `norm` is 'group' (GroupNorm after each conv,
+per pair, no batch statistics) or 'none' (bias only), as for the encoders of the federated runs
+(configs/fedaffect.py).
 
 Parameters: {'encoder': ..., 'projector': ...} and {'encoder': ..., 'relation': ...}, so the
 server's hand-off (Algorithm 1: the few-shot learner's embedding module replaced by the
@@ -21,6 +22,8 @@ aggregated encoder) is a copy of the 'encoder' subtree.
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -28,13 +31,16 @@ import jax.numpy as jnp
 from fer_jax import losses
 from fer_jax.models import layers
 
+NORMS = ("none", "group")  # Per-example norms only (BatchNorm would mix padded pairs in).
+
 
 class RelationModule(nn.Module):
     """g_phi of Sung et al. 2018: (P, h, w, 2c) concatenated pair maps -> (P,) scores in [0, 1].
 
     Attributes: features (filters of both conv blocks, 64 in Sung et al.), hidden (width of the
-    first dense layer, 8 in Sung et al.). A 2x2 pool is skipped when the map is already 1 pixel
-    wide, so any encoder resolution works.
+    first dense layer, 8 in Sung et al.), norm ('none' or 'group': GroupNorm after each block's
+    conv, in place of Sung et al.'s BatchNorm; per pair, so padding-safe). A 2x2 pool is
+    skipped when the map is already 1 pixel wide, so any encoder resolution works.
 
     `factored(class_maps, query_maps)` gives the same scores for every (query, class) pair
     without building the pairs: the first convolution is linear in its input, so
@@ -45,10 +51,18 @@ class RelationModule(nn.Module):
 
     features: int = 64
     hidden: int = 8
+    norm: str = "none"
 
     def setup(self):
+        layers.check_choice(self.norm, NORMS, name="norm")
         self.conv1 = nn.Conv(self.features, (3, 3), padding="SAME")
         self.conv2 = nn.Conv(self.features, (3, 3), padding="SAME")
+        if self.norm == "group":
+            groups = math.gcd(layers.GROUPS, self.features)
+            self.norm1 = nn.GroupNorm(num_groups=groups)
+            self.norm2 = nn.GroupNorm(num_groups=groups)
+        else:
+            self.norm1 = self.norm2 = lambda y: y
         self.fc1 = nn.Dense(self.hidden)
         self.fc2 = nn.Dense(1)
 
@@ -58,8 +72,8 @@ class RelationModule(nn.Module):
 
     def head(self, pre: jax.Array) -> jax.Array:
         """Everything after conv1's affine map: (P, h, w, features) -> (P,) scores."""
-        x = _pool(nn.relu(pre))
-        x = _pool(nn.relu(self.conv2(x)))
+        x = _pool(nn.relu(self.norm1(pre)))
+        x = _pool(nn.relu(self.norm2(self.conv2(x))))
         x = nn.relu(self.fc1(x.reshape(x.shape[0], -1)))
         return nn.sigmoid(self.fc2(x))[:, 0]
 
@@ -144,8 +158,10 @@ class FewShotLearner(nn.Module):
 
 def build_learners(encoder: nn.Module, *, num_classes: int, projector_hidden: int = 256,
                    projector_out: int = 128, relation_features: int = 64,
-                   relation_hidden: int = 8) -> tuple[RepresentationLearner, FewShotLearner]:
+                   relation_hidden: int = 8, relation_norm: str = "none",
+                   ) -> tuple[RepresentationLearner, FewShotLearner]:
     """The two FedAffect models sharing one encoder architecture (separate parameters)."""
     rep = RepresentationLearner(encoder, ProjectionHead(projector_hidden, projector_out))
-    few = FewShotLearner(encoder, RelationModule(relation_features, relation_hidden), num_classes)
+    few = FewShotLearner(encoder, RelationModule(relation_features, relation_hidden,
+                                                 relation_norm), num_classes)
     return rep, few
