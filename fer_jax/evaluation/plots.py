@@ -36,3 +36,26 @@ def save_confusion_matrix(cm: np.ndarray, class_names, path: str | pathlib.Path,
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def save_subject_differences(subjects, differences, path: str | pathlib.Path, *,
+                             title: str = "", ylabel: str = "micro F1 after - before"
+                             ) -> pathlib.Path:
+    """One bar per subject, sorted by value, green above zero and red below (the per-subject
+    micro-F1 gain plot of Salman & Busso 2022, Fig. 3)."""
+    diffs = np.asarray(differences, np.float64)
+    order = np.argsort(-diffs, kind="stable")
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(diffs) + 1.5), 3.2))
+    colors = ["tab:green" if d > 0 else ("tab:red" if d < 0 else "tab:gray") for d in diffs[order]]
+    ax.bar(range(len(diffs)), diffs[order], color=colors)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(diffs)), [str(subjects[i]) for i in order], rotation=90, fontsize=7)
+    ax.set_xlabel("subject")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

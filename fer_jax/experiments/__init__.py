@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import importlib
 
-EXPERIMENTS = ("supervised", "fedavg", "prepare", "fedaffect", "diversity", "occlusion")
+EXPERIMENTS = ("supervised", "fedavg", "prepare", "fedaffect", "diversity", "occlusion",
+               "vfer")
 
 
 def get(name: str):

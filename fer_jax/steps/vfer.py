@@ -108,7 +108,7 @@ def plateau_transform(*, factor: float = 0.5, patience: int = 2, min_scale: floa
 def plateau_update(plateau, plateau_state, dev_loss: float):
     """Feeds one dev loss to the schedule; returns (new plateau state, its LR factor)."""
     _, plateau_state = plateau.update(updates={}, state=plateau_state, value=dev_loss)
-    return plateau_state, plateau_state.scale
+    return plateau_state, float(plateau_state.scale)
 
 
 def video_probabilities(logits, frame_mask):

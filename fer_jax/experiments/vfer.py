@@ -1,0 +1,541 @@
+"""VFER personalization + head-only FedAvg (configs/vfer.py; Salman & Busso, ICMI 2022).
+
+Host-side driver, PAPERS.md section 2:
+  1. corpus: synthetic clips (default) or real videos (fer_jax.data.video: decode, MTCNN, align,
+     sample, cache); subjects split into train / dev / test, disjoint;
+  2. f = MobileNetV2 (frozen, random or converted weights) -> per-frame 1280-d features, cached;
+  3. IFER g on still images (synthetic identities not in the corpus, or FER-2013 restricted to
+     the corpus' classes), class-weighted CE, Adam with x0.5 reduce-on-plateau on the dev loss;
+  4. VFER v on the train subjects' videos (zero pre-padded), same optimizer, dev = dev subjects;
+  5. every FedAvg round: IFER pseudo labels per test subject (Eq. 1, top-P per class, p >
+     p_threshold; a jitted vmap over subjects), then the engine fine-tunes v per subject (vmapped
+     clients, 2 epochs, unweighted CE) and averages v only (PARAM_RULES in steps/vfer.py);
+     per-subject adapted heads come back through the engine's LocalStore;
+  6. evaluation: per-class P/R/F1 with macro / micro means, before vs after personalization
+     (pooled and per subject), the per-subject micro-F1 difference plot (Fig. 3), the central
+     model before and after each FedAvg round; bytes each client sends (v vs whole model).
+Checkpoints: one after training (step 1) and one per FedAvg round (step 1 + r) holding g, v, the
+server state and the adapted heads; a resumed run continues from the last one.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from fer_jax import federated as fl
+from fer_jax.data import video as video_lib
+from fer_jax.evaluation import metrics as metrics_lib
+from fer_jax.evaluation import plots
+from fer_jax.experiments.supervised import config_checker
+from fer_jax.io.checkpoint import Checkpointer
+from fer_jax.io.metrics import MetricWriter
+from fer_jax.models import vfer as vfer_models
+from fer_jax.steps import vfer as steps
+from fer_jax.steps.supervised import preprocess
+
+DATA = ("synthetic", "ckplus")
+
+
+def validate_config(config) -> None:
+    """Raises ValueError naming the first bad field."""
+    check = config_checker(config)
+    d = config.data
+    check(d.name in DATA, "data.name", f"one of {DATA}")
+    check(d.image_size >= 32, "data.image_size", ">= 32")
+    check(d.max_frames >= 2, "data.max_frames", ">= 2")
+    check(d.sampling in video_lib.SAMPLING, "data.sampling", f"one of {video_lib.SAMPLING}")
+    check(d.detect_every >= 1, "data.detect_every", ">= 1")
+    check(d.test_subjects >= 1, "data.test_subjects", ">= 1")
+    check(d.dev_subjects >= 1, "data.dev_subjects", ">= 1")
+    check(d.name != "synthetic" or d.num_subjects >= d.test_subjects + d.dev_subjects + 1,
+          "data.num_subjects", "> test_subjects + dev_subjects")
+    check(2 <= d.min_frames <= d.max_frames, "data.min_frames", "in [2, max_frames]")
+    check(config.model.width > 0, "model.width", "> 0")
+    check(config.model.norm in ("batch", "none"), "model.norm", "batch or none")
+    check(config.ifer.class_weights in ("balanced", "none"), "ifer.class_weights",
+          "balanced or none")
+    for block in ("ifer", "vfer"):
+        check(config[block].epochs >= 1, f"{block}.epochs", ">= 1")
+        check(config[block].batch_size >= 1, f"{block}.batch_size", ">= 1")
+        check(config[block].learning_rate > 0, f"{block}.learning_rate", "> 0")
+    p = config.personalize
+    check(p.max_per_class >= 1, "personalize.max_per_class", ">= 1")
+    check(0 <= p.threshold < 1, "personalize.threshold", "in [0, 1)")
+    check(p.epochs >= 1 and p.batch_size >= 1, "personalize.epochs", ">= 1 (and batch_size)")
+    check(config.fed.rounds >= 1, "fed.rounds", ">= 1")
+    check(config.fed.clients_per_call >= 1 and config.fed.vmap_width >= 1,
+          "fed.clients_per_call", ">= 1 (and vmap_width >= 1)")
+
+
+def _path(p: str) -> pathlib.Path:
+    path = pathlib.Path(p)
+    if not path.exists():
+        raise FileNotFoundError(f"{path.absolute()} not found (set config.data.* to the shared "
+                                "data folder, see ../shared/data/README.md)")
+    return path
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def split_subjects(subjects, *, test: int, dev: int, seed: int) -> dict[str, np.ndarray]:
+    """Disjoint train / dev / test subject lists from a seeded permutation of the sorted ids."""
+    unique = np.unique(subjects)
+    if len(unique) < test + dev + 1:
+        raise ValueError(f"{len(unique)} subjects cannot give {test} test + {dev} dev + >= 1 train")
+    order = np.random.default_rng([seed, 5]).permutation(unique)
+    return {"test": np.sort(order[:test]), "dev": np.sort(order[test:test + dev]),
+            "train": np.sort(order[test + dev:])}
+
+
+def load_corpus(config, cache_dir) -> video_lib.VideoCorpus:
+    d = config.data
+    if d.name == "synthetic":
+        return video_lib.synthetic_corpus(
+            num_subjects=d.num_subjects, clips_per_class=d.clips_per_class,
+            min_frames=d.min_frames, max_frames=d.max_frames, image_size=d.image_size,
+            seed=config.seed)
+    settings = video_lib.FaceSettings(
+        image_size=d.image_size, max_frames=d.max_frames, sampling=d.sampling,
+        detect_every=d.detect_every, min_face_size=d.min_face_size)
+    return video_lib.load_video_corpus(_path(d.video_dir), settings=settings,
+                                       cache_dir=cache_dir, skip_unreadable=d.skip_unreadable)
+
+
+def ifer_images(config, class_names) -> dict:
+    """Still images for g: {'train': (images uint8, labels), 'dev': (...)} in corpus classes."""
+    d = config.data
+    if d.name == "synthetic":
+        from fer_jax.data import synthetic
+
+        # Identities from another seed: IFER never sees the corpus' subjects.
+        ds = synthetic.make_dataset(num_subjects=d.ifer_subjects,
+                                    images_per_class=d.ifer_images_per_class, test_subjects=0.2,
+                                    image_size=d.image_size, channels=3, classes=class_names,
+                                    seed=config.seed + 1000)
+        return {"train": (ds["train"].images, ds["train"].labels),
+                "dev": (ds["test"].images, ds["test"].labels)}
+    from fer_jax.data import classes as classes_lib
+    from fer_jax.data import fer2013
+
+    images, codes, usage = fer2013.read_csv(_path(d.fer2013_csv))
+    names = [classes_lib.canonical_name(c) for c in fer2013.FER2013_CODING]
+    # FER-2013 code -> corpus class index, -1 for classes the videos do not have (neutral).
+    mapping = np.array([class_names.index(n) if n in class_names else -1 for n in names])
+    labels = mapping[codes]
+    out = {}
+    for split, use, cap in (("train", "Training", d.ifer_max_train),
+                            ("dev", "PublicTest", d.ifer_max_dev)):
+        idx = np.nonzero((usage == use) & (labels >= 0))[0]
+        if cap:
+            idx = np.sort(np.random.default_rng([config.seed, 9]).permutation(idx)[:cap])
+        out[split] = (images[idx], labels[idx].astype(np.int32))
+    return out
+
+
+# ----------------------------------------------------------------------------- f
+
+
+def calibrate_batch_stats(f, variables, images, *, image_size: int):
+    """BatchNorm statistics of f measured on `images` (one train-mode pass, momentum 0).
+
+    A randomly initialised MobileNetV2 with its initial statistics (mean 0, var 1) shrinks the
+    signal ~1e4-fold over 52 layers (embedding std ~1e-4), so g and v would see constants.
+    Without ImageNet weights (none can be downloaded here) f keeps its random convolutions but
+    gets data-dependent statistics; converted pretrained weights keep their own.
+    """
+    calib = f.clone(bn_momentum=0.0)
+    x = preprocess(jnp.asarray(images), image_size=image_size, channels=3)
+    _, new = calib.apply(variables, x, train=True, mutable=["batch_stats"])
+    return {**variables, "batch_stats": new["batch_stats"]}
+
+
+def build_backbone(config, calibration_images=None):
+    """(featurize uint8 (n, S, S, C) -> (n, 1280), model_key for the feature cache, variables)."""
+    f = vfer_models.backbone(config.model.width)
+    size = config.data.image_size
+    variables = f.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, size, size, 3)),
+                       train=False)
+    key = f"mnv2-w{config.model.width}-s{size}-seed{config.seed}"
+    if config.model.weights:
+        from fer_jax.models import convert
+
+        variables = convert.load_flax_variables(_path(config.model.weights), variables)
+        key = f"mnv2-w{config.model.width}-s{size}-{convert.file_digest(config.model.weights)}"
+    elif calibration_images is not None:
+        variables = calibrate_batch_stats(f, variables, calibration_images, image_size=size)
+        digest = hashlib.sha256(np.ascontiguousarray(calibration_images).tobytes()).hexdigest()
+        key += f"-calib{digest[:12]}"
+
+    @jax.jit
+    def featurize(images):
+        x = preprocess(images, image_size=size, channels=3)
+        return f.apply(variables, x, train=False)["embedding"]
+
+    return featurize, key, variables
+
+
+def image_features(featurize, images, batch_size: int) -> np.ndarray:
+    out = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        padded = np.zeros((batch_size, *chunk.shape[1:]), chunk.dtype)
+        padded[: len(chunk)] = chunk
+        out.append(np.asarray(featurize(padded))[: len(chunk)])
+    return np.concatenate(out).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _batches(n: int, batch_size: int, rng) -> list[np.ndarray]:
+    order = rng.permutation(n)
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def _pad_rows(index, batch_size):
+    """Index padded to a full batch (row 0 repeated) and its mask: one compiled shape."""
+    mask = np.zeros(batch_size, bool)
+    mask[: len(index)] = True
+    return np.concatenate([index, np.zeros(batch_size - len(index), np.int64)]), mask
+
+
+def train_head(kind, head, variables, train, dev, tcfg, *, seed, class_weights, writer):
+    """Adam + x0.5 reduce-on-plateau (dev loss, once per epoch) for g ('ifer') or v ('vfer').
+
+    train / dev: tuples of arrays whose last element is the labels.
+    """
+    optimizer = optax.adam(tcfg.learning_rate)
+    state = steps.init_head_state(variables, optimizer)
+    plateau = steps.plateau_transform(patience=tcfg.get("plateau_patience", 2))
+    plateau_state = plateau.init({})
+    rng = np.random.default_rng([seed, 3 if kind == "ifer" else 4])
+    bs = tcfg.batch_size
+    cw = jnp.asarray(class_weights)
+
+    def dev_loss(state):
+        total, count = 0.0, 0
+        for start in range(0, len(dev[-1]), bs):
+            idx, mask = _pad_rows(np.arange(start, min(start + bs, len(dev[-1]))), bs)
+            arrays = [a[idx] for a in dev]
+            if kind == "ifer":
+                loss, _ = steps.ifer_loss(state.params, state.batch_stats, arrays[0], arrays[1],
+                                          mask, head=head, class_weights=cw, train=False)
+            else:
+                loss, _ = steps.vfer_loss(state.params, state.batch_stats, *arrays, mask,
+                                          head=head, train=False)
+            total, count = total + float(loss) * mask.sum(), count + int(mask.sum())
+        return total / max(count, 1)
+
+    for epoch in range(tcfg.epochs):
+        losses = []
+        for index in _batches(len(train[-1]), bs, rng):
+            idx, mask = _pad_rows(index, bs)
+            arrays = [a[idx] for a in train]
+            if kind == "ifer":
+                state, loss = steps.ifer_step(state, *arrays, mask, cw, head=head,
+                                              optimizer=optimizer)
+            else:
+                state, loss = steps.vfer_step(state, *arrays, mask, head=head,
+                                              optimizer=optimizer)
+            losses.append(float(loss))
+        dl = dev_loss(state)
+        plateau_state, scale = steps.plateau_update(plateau, plateau_state, dl)
+        state = state.replace(scale=jnp.asarray(scale, jnp.float32))
+        writer.write(epoch + 1, {f"{kind}/train_loss": float(np.mean(losses)),
+                                 f"{kind}/dev_loss": dl, f"{kind}/lr_scale": float(scale)})
+        logging.info("%s epoch %d: train %.4f dev %.4f lr x%.3g", kind, epoch + 1,
+                     np.mean(losses), dl, float(scale))
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def balanced_weights(labels, num_classes):
+    """N / (K * count_k) (Keras/sklearn 'balanced'); a class absent from training gets 0."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    return np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0
+                    ).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- personalization
+
+
+@functools.partial(jax.jit, static_argnames=("head", "max_per_class", "threshold"))
+def pseudo_label_subjects(g_vars, features, frame_mask, valid, *, head, max_per_class,
+                          threshold):
+    """IFER pseudo labels for [S, V, T, D] features of S subjects (vmapped over subjects)."""
+    s, v, t, d = features.shape
+    logits = head.apply(g_vars, features.reshape(-1, d), train=False)
+    probs = steps.video_probabilities(logits.reshape(s, v, t, -1), frame_mask)
+    select = functools.partial(steps.select_pseudo_labels, max_per_class=max_per_class,
+                               threshold=threshold)
+    return jax.vmap(select)(probs, valid)
+
+
+def _by_subject(subjects, order):
+    return [np.nonzero(subjects == s)[0] for s in order]
+
+
+def personalization_population(config, g_head, g_vars, feats, fmask, groups):
+    """Pseudo-label every test subject; returns (population clients, per-subject report)."""
+    vmax = max(len(g) for g in groups)
+    s, (_, t, d) = len(groups), feats.shape
+    sf = np.zeros((s, vmax, t, d), np.float32)
+    sm = np.zeros((s, vmax, t), bool)
+    valid = np.zeros((s, vmax), bool)
+    for i, g in enumerate(groups):
+        sf[i, : len(g)], sm[i, : len(g)], valid[i, : len(g)] = feats[g], fmask[g], True
+    p = config.personalize
+    labels, selected, conf = jax.device_get(pseudo_label_subjects(
+        g_vars, sf, sm, valid, head=g_head, max_per_class=p.max_per_class,
+        threshold=p.threshold))
+    clients = []
+    for i, g in enumerate(groups):
+        sel = selected[i, : len(g)]
+        clients.append({"features": feats[g][sel], "frame_mask": fmask[g][sel],
+                        "label": labels[i, : len(g)][sel].astype(np.int32),
+                        "video_index": g[sel]})
+    return clients, {"pseudo_labels": labels, "selected": selected, "confidence": conf}
+
+
+def build_engine(config, v_head, max_selected: int):
+    p, fed = config.personalize, config.fed
+    unit = jax.device_count() * fed.vmap_width
+    per_call = -(-fed.clients_per_call // unit) * unit
+    most = p.epochs * -(-max_selected // p.batch_size)
+    buckets = tuple(b for b in fl.packing.DEFAULT_STEP_BUCKETS if b < most) + (most,)
+    return fl.FederatedEngine(
+        steps.PersonalizeClient(v_head, optax.adam(p.learning_rate)),
+        server_optimizer=fl.server_optimizer("fedavg"),
+        param_filter=fl.regex_filter(steps.PARAM_RULES, fl.FROZEN),
+        packing=fl.PackingConfig(batch_size=p.batch_size, local_epochs=p.epochs,
+                                 clients_per_call=per_call, step_buckets=buckets),
+        backend=fl.RoundBackend(vmap_width=fed.vmap_width))
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def make_predict(v_head):
+    @jax.jit
+    def predict(v_vars, feats, fmask):
+        return jnp.argmax(v_head.apply(v_vars, feats, fmask, train=False), -1)
+
+    return predict
+
+
+def report_of(labels, preds, class_names):
+    cm = metrics_lib.confusion_matrix(labels, preds, len(class_names))
+    return metrics_lib.classification_report(cm, class_names)
+
+
+def _v_vars(params, stats):
+    return {"params": params, "batch_stats": stats}
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def run(config, workdir: str) -> dict:
+    t_start = time.perf_counter()
+    workdir = pathlib.Path(workdir)
+    writer = MetricWriter(workdir)
+    writer.write_json("config.json", config.to_dict())
+    cache_dir = config.data.cache_dir or str(workdir / "cache")
+
+    t0 = time.perf_counter()
+    corpus = load_corpus(config, cache_dir)
+    t_corpus = time.perf_counter() - t0
+    names = corpus.class_names
+    k = len(names)
+    split = split_subjects(corpus.subjects, test=config.data.test_subjects,
+                           dev=config.data.dev_subjects, seed=config.seed)
+    logging.info("corpus %s: %d videos, %d subjects, classes %s; split %s; report %s",
+                 config.data.name, len(corpus), len(np.unique(corpus.subjects)), names,
+                 {s: v.tolist() for s, v in split.items()}, corpus.report)
+
+    # Calibration frames: evenly spaced frames of the training subjects' videos only.
+    train_frames = np.concatenate([corpus.frames[i] for i in np.nonzero(
+        np.isin(corpus.subjects, split["train"]))[0]])
+    calib = train_frames[np.linspace(0, len(train_frames) - 1,
+                                     min(config.model.calibration_frames, len(train_frames))
+                                     ).astype(np.int64)]
+    featurize, model_key, f_vars = build_backbone(config, calib)
+    t0 = time.perf_counter()
+    seq_feats = video_lib.cached_features(corpus, featurize, model_key=model_key,
+                                          cache_dir=cache_dir if config.data.name != "synthetic"
+                                          else None, batch_size=config.model.feature_batch)
+    t_features = time.perf_counter() - t0
+    feats, fmask = video_lib.pad_sequences(seq_feats, config.data.max_frames)
+    frames_total = sum(len(x) for x in corpus.frames)
+
+    g_head = vfer_models.IFERHead(k, hidden=tuple(config.model.g_hidden), norm=config.model.norm)
+    v_head = vfer_models.VFERHead(k, norm=config.model.norm)
+    key = jax.random.PRNGKey(config.seed)
+    g_vars = g_head.init(jax.random.fold_in(key, 1), jnp.zeros((2, feats.shape[-1])), train=False)
+    v_vars = v_head.init(jax.random.fold_in(key, 2), feats[:2], fmask[:2], train=False)
+    counts = vfer_models.count_heads(k, width=config.model.width,
+                                     g_kwargs=dict(hidden=tuple(config.model.g_hidden),
+                                                   norm=config.model.norm),
+                                     v_kwargs=dict(norm=config.model.norm))
+
+    in_split = {s: np.isin(corpus.subjects, v) for s, v in split.items()}
+    test_subjects = split["test"]
+    groups = _by_subject(corpus.subjects, test_subjects)
+    local_template = {"params": {"personal": v_vars["params"]}}
+    store = fl.LocalStore(local_template, len(test_subjects))
+    checkpointer = Checkpointer(workdir, every_steps=1)
+    state_like = {"g": g_vars, "v": v_vars, "server": None, "personal": store.values}
+
+    # ---- 1. IFER and VFER (checkpoint step 1)
+    t0 = time.perf_counter()
+    if checkpointer.latest_step() is None:
+        imgs = ifer_images(config, names)
+        ifer_feats = {s: (image_features(featurize, x, config.model.feature_batch), y)
+                      for s, (x, y) in imgs.items()}
+        cw = (balanced_weights(ifer_feats["train"][1], k) if config.ifer.class_weights ==
+              "balanced" else np.ones(k, np.float32))
+        g_vars = train_head("ifer", g_head, g_vars, ifer_feats["train"], ifer_feats["dev"],
+                            config.ifer, seed=config.seed, class_weights=cw, writer=writer)
+        dev_logits = g_head.apply(g_vars, ifer_feats["dev"][0], train=False)
+        ifer_dev = report_of(ifer_feats["dev"][1], np.asarray(dev_logits.argmax(-1)), names)
+        tr, dv = in_split["train"], in_split["dev"]
+        v_vars = train_head("vfer", v_head, v_vars, (feats[tr], fmask[tr], corpus.labels[tr]),
+                            (feats[dv], fmask[dv], corpus.labels[dv]), config.vfer,
+                            seed=config.seed, class_weights=np.ones(k, np.float32),
+                            writer=writer)
+        writer.write_json("ifer_dev.json", {"report": ifer_dev,
+                                            "train_images": len(ifer_feats["train"][1]),
+                                            "class_weights": cw.tolist()})
+        checkpointer.save(1, {**state_like, "g": g_vars, "v": v_vars, "server": {}})
+    ifer_dev = json.loads((workdir / "ifer_dev.json").read_text())["report"]
+    t_train = time.perf_counter() - t0
+
+    # ---- 2. personalization + head-only FedAvg rounds (checkpoint step 1 + r)
+    start = checkpointer.latest_step()
+    engine = None
+    predict = make_predict(v_head)
+    te = in_split["test"]
+    labels_te = corpus.labels[te]
+    rounds_path = workdir / "rounds.json"
+    rounds = json.loads(rounds_path.read_text()) if rounds_path.exists() and start > 1 else []
+    restored = None
+    if start is not None:
+        like = {**state_like, "server": {}} if start == 1 else None
+        if like is not None:
+            restored = checkpointer.restore(like, 1)
+            g_vars, v_vars = restored["g"], restored["v"]
+    central0 = v_vars
+    before = report_of(labels_te, np.asarray(predict(v_vars, feats[te], fmask[te])), names)
+    before_subject = {str(s): report_of(corpus.labels[g], np.asarray(
+        predict(v_vars, feats[g], fmask[g])), names) for s, g in zip(test_subjects, groups,
+                                                                     strict=True)}
+
+    variables = {"params": {"v": v_vars["params"], "personal": v_vars["params"]},
+                 "batch_stats": {"v": v_vars["batch_stats"]}}
+    max_selected = max(1, max(len(g) for g in groups))
+    engine = build_engine(config, v_head, max_selected)
+    server = engine.init(variables)
+    if start is not None and start > 1:
+        restored = checkpointer.restore({**state_like, "server": server}, start)
+        g_vars, server = restored["g"], engine.place(restored["server"])
+        store.values = jax.tree.map(np.asarray, restored["personal"])
+        store.seen[:] = True
+        central0 = restored["v"]
+        before = report_of(labels_te, np.asarray(predict(central0, feats[te], fmask[te])), names)
+    fed_labels = fl.partial.label_tree(server.variables, engine.spec.param_filter)
+    v_bytes = steps.payload_bytes(fl.partial.select(fl.mesh.to_host(server.variables),
+                                                    fed_labels, fl.FEDERATED))
+    whole_bytes = (steps.payload_bytes(f_vars["params"]) + steps.payload_bytes(g_vars["params"])
+                   + steps.payload_bytes(v_vars["params"]))
+    done = 0 if start is None else start - 1
+    run_key = jax.random.PRNGKey(config.seed + 7)
+    for r in range(done, config.fed.rounds):
+        t0 = time.perf_counter()
+        clients, pseudo = personalization_population(config, g_head, g_vars, feats, fmask, groups)
+        sizes = np.array([len(c["label"]) for c in clients])
+        active = np.nonzero(sizes > 0)[0]
+        skipped = [str(test_subjects[i]) for i in np.nonzero(sizes == 0)[0]]
+        pseudo_acc = [float(np.mean(c["label"] == corpus.labels[c["video_index"]]))
+                      for c in clients if len(c["label"])]
+        if not len(active):
+            raise ValueError(f"round {r + 1}: no test subject has a video with IFER confidence "
+                             f"> {config.personalize.threshold}; nothing to personalize")
+        population = fl.ArrayPopulation.from_clients(
+            [{k_: v for k_, v in c.items() if k_ != "video_index"} for c in clients])
+        plan = engine.plan(population, active)
+        server, result = engine.run_round(server, population, plan, run_key, seed=config.seed,
+                                          local_store=store)
+        seconds = time.perf_counter() - t0
+        host = fl.mesh.to_host(server.variables)
+        central = _v_vars(host["params"]["v"], host["batch_stats"]["v"])
+        central_report = report_of(labels_te, np.asarray(predict(central, feats[te], fmask[te])),
+                                   names)
+        after_preds = np.zeros(len(corpus), np.int64)
+        after_subject = {}
+        for i, (s, g) in enumerate(zip(test_subjects, groups, strict=True)):
+            # Skipped subjects keep the central model they were sent (no adaptation).
+            params = (jax.tree.map(lambda x, i=i: x[i], store.values["params"]["personal"])
+                      if i in active else central0["params"])
+            pv = _v_vars(params, central0["batch_stats"])
+            after_preds[g] = np.asarray(predict(pv, feats[g], fmask[g]))
+            after_subject[str(s)] = report_of(corpus.labels[g], after_preds[g], names)
+        rounds.append({
+            "round": r + 1, "seconds": seconds, "subjects_adapted": len(active),
+            "subjects_skipped_no_confident_video": skipped,
+            "selected_videos": sizes.tolist(),
+            "pseudo_label_accuracy_of_selected": float(np.mean(pseudo_acc)),
+            "fine_tune_loss": result.totals["loss_sum"] / max(result.totals["count"], 1),
+            "after_personalization": report_of(labels_te, after_preds[te], names),
+            "after_personalization_per_subject": after_subject,
+            "central_after_fedavg": central_report,
+            "bytes_sent_per_client": {"v_only": v_bytes, "whole_model": whole_bytes}})
+        writer.write(r + 1, {"round/seconds": seconds, "round/subjects": len(active),
+                             "after/micro_f1": rounds[-1]["after_personalization"]["micro"]["f1"],
+                             "central/macro_f1": central_report["macro"]["f1"]})
+        logging.info("round %d: %d subjects adapted (%d skipped), selected %s, %.2fs", r + 1,
+                     len(active), len(skipped), sizes.tolist(), seconds)
+        rounds_path.write_text(json.dumps(rounds))
+        checkpointer.save(r + 2, {"g": g_vars, "v": central0, "server": server,
+                                  "personal": store.values})
+
+    first = rounds[0]
+    subj = [str(s) for s in test_subjects]
+    diff = [first["after_personalization_per_subject"][s]["micro"]["f1"]
+            - before_subject[s]["micro"]["f1"] for s in subj]
+    plots.save_subject_differences(subj, diff, workdir / "figure3_subject_micro_f1.png",
+                                   title=f"VFER on {config.data.name}: micro F1 after - before "
+                                         "personalization")
+    results = {
+        "data": config.data.name, "class_names": list(names),
+        "split": {s: v.tolist() for s, v in split.items()},
+        "corpus_report": corpus.report, "videos": len(corpus), "frames": frames_total,
+        "parameters": counts, "ifer_dev": ifer_dev,
+        "before_personalization": before, "before_per_subject": before_subject,
+        "after_personalization": first["after_personalization"],
+        "after_per_subject": first["after_personalization_per_subject"],
+        "subject_micro_f1_difference": dict(zip(subj, diff, strict=True)),
+        "central_before_fedavg": before,
+        "central_after_fedavg": [r_["central_after_fedavg"] for r_ in rounds],
+        "rounds": rounds,
+        "seconds": {"corpus": t_corpus, "features": t_features, "train": t_train,
+                    "total": time.perf_counter() - t_start},
+    }
+    writer.write_json("eval.json", results)
+    logging.info("before: macro F1 %.4f micro F1 %.4f; after: macro %.4f micro %.4f; central "
+                 "after %d rounds macro %.4f", before["macro"]["f1"], before["micro"]["f1"],
+                 first["after_personalization"]["macro"]["f1"],
+                 first["after_personalization"]["micro"]["f1"], len(rounds),
+                 rounds[-1]["central_after_fedavg"]["macro"]["f1"])
+    checkpointer.close()
+    writer.close()
+    return results
