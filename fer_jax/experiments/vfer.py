@@ -467,14 +467,20 @@ def run(config, workdir: str) -> dict:
         skipped = [str(test_subjects[i]) for i in np.nonzero(sizes == 0)[0]]
         pseudo_acc = [float(np.mean(c["label"] == corpus.labels[c["video_index"]]))
                       for c in clients if len(c["label"])]
-        if not len(active):
-            raise ValueError(f"round {r + 1}: no test subject has a video with IFER confidence "
-                             f"> {config.personalize.threshold}; nothing to personalize")
-        population = fl.ArrayPopulation.from_clients(
-            [{k_: v for k_, v in c.items() if k_ != "video_index"} for c in clients])
-        plan = engine.plan(population, active)
-        server, result = engine.run_round(server, population, plan, run_key, seed=config.seed,
-                                          local_store=store)
+        if len(active):
+            population = fl.ArrayPopulation.from_clients(
+                [{k_: v for k_, v in c.items() if k_ != "video_index"} for c in clients])
+            plan = engine.plan(population, active)
+            server, result = engine.run_round(server, population, plan, run_key,
+                                              seed=config.seed, local_store=store)
+            tune_loss = result.totals["loss_sum"] / max(result.totals["count"], 1)
+        else:
+            # Every subject skipped (no video above p_threshold): nothing is sent, the central
+            # model stays as it was and every subject keeps it (counted in the report).
+            logging.warning("round %d: no test subject has a video with IFER confidence > %g",
+                            r + 1, config.personalize.threshold)
+            server = server.replace(round=server.round + 1)
+            tune_loss = float("nan")
         seconds = time.perf_counter() - t0
         host = fl.mesh.to_host(server.variables)
         central = _v_vars(host["params"]["v"], host["batch_stats"]["v"])
@@ -493,8 +499,10 @@ def run(config, workdir: str) -> dict:
             "round": r + 1, "seconds": seconds, "subjects_adapted": len(active),
             "subjects_skipped_no_confident_video": skipped,
             "selected_videos": sizes.tolist(),
-            "pseudo_label_accuracy_of_selected": float(np.mean(pseudo_acc)),
-            "fine_tune_loss": result.totals["loss_sum"] / max(result.totals["count"], 1),
+            "pseudo_label_accuracy_of_selected": float(np.mean(pseudo_acc)) if pseudo_acc
+            else None,
+            "max_ifer_confidence": float(np.max(pseudo["confidence"])),
+            "fine_tune_loss": tune_loss,
             "after_personalization": report_of(labels_te, after_preds[te], names),
             "after_personalization_per_subject": after_subject,
             "central_after_fedavg": central_report,

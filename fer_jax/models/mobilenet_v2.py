@@ -25,6 +25,7 @@ import dataclasses
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from fer_jax.models import layers
 
@@ -50,6 +51,17 @@ def make_divisible(v: float, divisor: int = 8) -> int:
     return new_v
 
 
+def _symmetric(conv, x: Array) -> Array:
+    """A stride-2 3x3 'same' conv made to pad one pixel on every side (torchvision's padding=1).
+
+    Pad one row/column before (and one after on even sizes) so that TF 'same' adds nothing
+    before; output j then sees input rows 2j-1..2j+1, as torch's; extra outputs are dropped.
+    """
+    h, w = x.shape[1:3]
+    x = jnp.pad(x, ((0, 0), (1, 1 - h % 2), (1, 1 - w % 2), (0, 0)))
+    return conv(x)[:, : (h - 1) // 2 + 1, : (w - 1) // 2 + 1]
+
+
 class InvertedResidual(nn.Module):
     """1x1 expand (ReLU6), 3x3 depthwise (ReLU6), linear 1x1 projection; residual when the
     shape is kept (Sandler et al. 2018, Fig. 3b and Table 1)."""
@@ -60,6 +72,7 @@ class InvertedResidual(nn.Module):
     depthwise: str
     momentum: float
     epsilon: float
+    padding: str = "same"
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool) -> Array:
@@ -70,7 +83,8 @@ class InvertedResidual(nn.Module):
         if self.expansion != 1:
             y = nn.Conv(in_c * self.expansion, (1, 1), use_bias=False, name="expand")(y)
             y = nn.relu6(bn("expand_BN")(y))
-        y = layers.DepthwiseConv3x3(strides=self.strides, mode=self.depthwise, name="depthwise")(y)
+        dw = layers.DepthwiseConv3x3(strides=self.strides, mode=self.depthwise, name="depthwise")
+        y = _symmetric(dw, y) if self.padding == "symmetric" and self.strides == 2 else dw(y)
         y = nn.relu6(bn("depthwise_BN")(y))
         # Linear bottleneck: no non-linearity after the projection (Sec. 3.2).
         y = nn.Conv(self.features, (1, 1), use_bias=False, name="project")(y)
@@ -90,7 +104,9 @@ class MobileNetV2(nn.Module):
         ~30x faster forward on XLA:CPU); same parameters, same outputs.
       dropout: dropout before the head (torchvision uses 0.2, Keras none); train-mode apply
         needs ``rngs={'dropout': key}`` when it is > 0.
-      bn_momentum, bn_epsilon: Keras' values.
+      bn_momentum, bn_epsilon: Keras' values (torchvision weights: bn_epsilon=1e-5).
+      padding: 'same' (TF/Keras: stride-2 convs pad after on even sizes) or 'symmetric'
+        (torchvision: one pixel on every side); with torchvision weights use 'symmetric'.
     """
 
     num_classes: int | None = None
@@ -100,12 +116,14 @@ class MobileNetV2(nn.Module):
     dropout: float = 0.0
     bn_momentum: float = 0.999
     bn_epsilon: float = 1e-3
+    padding: str = "same"
 
     def __post_init__(self):
         layers.check_num_classes(self.num_classes)
         if not isinstance(self.width, int | float) or self.width <= 0:
             raise ValueError(f"width must be a positive number, got {self.width!r}")
         layers.check_choice(self.depthwise, ("conv", "shifted"), name="depthwise")
+        layers.check_choice(self.padding, ("same", "symmetric"), name="padding")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         super().__post_init__()
@@ -116,7 +134,8 @@ class MobileNetV2(nn.Module):
         bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                                        epsilon=self.bn_epsilon, name=name)
         x = x * 2.0 - 1.0
-        x = nn.Conv(make_divisible(32 * self.width), (3, 3), (2, 2), padding="SAME",
+        pad = "SAME" if self.padding == "same" else ((1, 1), (1, 1))
+        x = nn.Conv(make_divisible(32 * self.width), (3, 3), (2, 2), padding=pad,
                     use_bias=False, name="Conv1")(x)
         x = nn.relu6(bn("bn_Conv1")(x))
         index = 0
@@ -131,6 +150,7 @@ class MobileNetV2(nn.Module):
                     depthwise=self.depthwise,
                     momentum=self.bn_momentum,
                     epsilon=self.bn_epsilon,
+                    padding=self.padding,
                     name=name,
                 )(x, train=train)
                 index += 1
