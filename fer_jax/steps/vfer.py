@@ -179,7 +179,9 @@ class PersonalizeClient:
 
     def final(self, state):
         out = dict(state["initial"])
-        out["params"] = {**out["params"], "v": state["params"], "personal": state["params"]}
+        out["params"] = {**out["params"], "v": state["params"]}
+        if "personal" in out["params"]:  # absent when only FedAvg is wanted (benchmarks)
+            out["params"]["personal"] = state["params"]
         return out
 
 
