@@ -28,11 +28,13 @@ from configs import common
 from configs.supervised import data_config
 
 _ENCODERS = {
-    # norm='none': clients pad partial batches and BatchNorm would mix padding into statistics.
+    # norm='group' (GroupNorm, per example): clients pad partial batches and BatchNorm would mix
+    # padding into its statistics. With norm='none' (encoder and relation module) the relation
+    # scores collapsed to a constant and 1-shot accuracy stayed at chance (WORKSPACE.md s. 11).
     # The CPU encoder: ~33 MFLOP per 48x48 image forward (one conv at full resolution).
-    "small_cnn": dict(norm="none", widths=(16, 32, 64), convs_per_stage=(1, 2, 2)),
-    "resnet18": dict(norm="none", stem="small"),
-    "resnet50v2": dict(norm="none", stem="small"),
+    "small_cnn": dict(norm="group", widths=(16, 32, 64), convs_per_stage=(1, 2, 2)),
+    "resnet18": dict(norm="group", stem="small"),
+    "resnet50v2": dict(norm="group", stem="small"),
 }
 
 
@@ -66,7 +68,7 @@ def get_config(arg=None):
     config.model.projector_out = 128
     config.model.relation_features = 64  # Sung et al. 2018.
     config.model.relation_hidden = 8
-    config.model.relation_norm = "none"  # none | group (GroupNorm after each conv block)
+    config.model.relation_norm = "group"  # group | none: GroupNorm after each conv block
 
     fa = config.fedaffect = ml_collections.ConfigDict()
     fa.mode = arg.mode  # federated | centralized (same models and budget, one pooled learner)

@@ -80,7 +80,7 @@ class LearnerState:
 def _init_state(variables, trainable, optimizer) -> LearnerState:
     if set(variables) != {"params"}:
         raise ValueError("FedAffect learners take variables {'params': ...} only (models built "
-                         f"with norm='none'); got collections {sorted(variables)}")
+                         f"with norm='none' or 'group'); got collections {sorted(variables)}")
     params = variables["params"]
     trainable = tuple(trainable) or (True,) * len(jax.tree.leaves(variables))
     return LearnerState(params, optimizer.init(params), variables, trainable)
