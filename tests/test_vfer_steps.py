@@ -78,6 +78,7 @@ def test_ifer_loss_is_class_weighted_ce_float64():
     np.testing.assert_allclose(loss, ref, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_personalization_round_matches_manual_adam():
     """One client, one batch per epoch: the engine's round = 2 hand-written Adam steps on v."""
     k, t, d = 3, 4, 6
