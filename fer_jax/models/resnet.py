@@ -148,7 +148,7 @@ class ResNet(nn.Module):
       block: 'basic', 'bottleneck' (v1) or 'preact_bottleneck' (v2).
       width: channels of the stem and of the first stage (64 in the papers).
       stem: 'imagenet' (7x7/2 conv + 3x3/2 max pool) or 'small' (3x3/1 conv, no pool).
-      norm: 'batch' or 'none' (convs get a bias instead of BN).
+      norm: 'batch', 'group' (GroupNorm, per example) or 'none' (convs get a bias instead of BN).
       zero_init_residual: start every residual branch at zero (see the blocks).
       bn_momentum, bn_epsilon: torchvision's defaults (torch momentum 0.1 = flax 0.9).
       normalize_input: standardize [0, 1] inputs with the ImageNet mean/std (their channel

@@ -41,7 +41,8 @@ class SmallCNN(nn.Module):
         facial expressions depend on where a feature is, which global pooling discards).
       dropout: dropout rate after the hidden dense layer; train-mode apply needs
         ``rngs={'dropout': key}`` when it is > 0.
-      norm: 'batch' (BatchNorm after every conv) or 'none' (convs get a bias instead).
+      norm: 'batch' (BatchNorm after every conv), 'group' (GroupNorm, per example: safe with
+        padded federated batches) or 'none' (convs get a bias instead).
       bn_momentum, bn_epsilon: BatchNorm running-average momentum and epsilon.
     """
 
