@@ -36,7 +36,7 @@ BACKENDS = {
     "vmap": dict(k=None, vmap=None, step_unroll=True, group_unroll=True),
     "chunked_vmap": dict(k=16, vmap=16, step_unroll=True, group_unroll=True),
 }
-AUTO = {"cnn": "chunked", "mlp": "sequential"}
+AUTO = {"cnn": "sequential", "mlp": "sequential"}
 
 
 def build_model(name):
