@@ -88,6 +88,7 @@ def test_config_arguments(make_config):
     assert len(sweep) == 4 and sweep[0]["model.kwargs.cbam"] is False
 
 
+@pytest.mark.slow  # ~45 s; test_esr_runlocal_end_to_end_and_exact_resume covers more, also slow.
 def test_esr_runlocal_end_to_end(tmp_path, make_config):
     """configs/esr.py:runlocal through the driver: progressive ESR-2, outputs, early exits."""
     from fer_jax.io.metrics import read_jsonl
