@@ -10,9 +10,11 @@ $FER_JAX_DATA/fer2013). Target from the foundation issue: >= 63% PrivateTest in 
 
 import argparse
 import json
+import os
 import pathlib
 import shutil
 import subprocess
+import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -30,7 +32,8 @@ def main():
            f"--config.train.num_epochs={args.epochs}", *args.extra]
     print(" ".join(cmd), flush=True)
     t0 = time.perf_counter()
-    subprocess.run(cmd, cwd=REPO, check=True)
+    # The same interpreter (and so the same virtual environment) as this script.
+    subprocess.run(cmd, cwd=REPO, check=True, env={**os.environ, "PYTHON": sys.executable})
     wall = time.perf_counter() - t0
     result = json.loads((workdir / "eval.json").read_text())
     records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]

@@ -10,4 +10,4 @@ cd "$(dirname "$0")/.."
 tcmalloc=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
 if [ -f "$tcmalloc" ]; then export LD_PRELOAD="$tcmalloc${LD_PRELOAD:+:$LD_PRELOAD}"; fi
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$HOME/.cache/fer_jax_xla}"
-exec python -m fer_jax.main --config="$config" --workdir="$workdir" "$@"
+exec "${PYTHON:-python}" -m fer_jax.main --config="$config" --workdir="$workdir" "$@"
