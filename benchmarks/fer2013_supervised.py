@@ -1,6 +1,6 @@
 r"""Benchmark: the small FER CNN trained centrally on real FER-2013, PrivateTest accuracy and time.
 
-  python benchmarks/fer2013_supervised.py [--epochs 20] [--workdir /tmp/fer2013_bench]
+  python benchmarks/fer2013_supervised.py [--epochs 18] [--workdir /tmp/fer2013_bench]
 
 Runs `python -m fer_jax.main --config=configs/supervised.py:data=fer2013` through launch/local.sh
 (tcmalloc preloaded when installed), then writes accuracy, macro F1, wall time and images/s to
@@ -22,7 +22,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=18)
     parser.add_argument("--workdir", default="/tmp/fer2013_bench")
     parser.add_argument("--extra", nargs="*", default=[], help="more --config.x=y overrides")
     args = parser.parse_args()

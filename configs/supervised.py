@@ -71,7 +71,7 @@ def get_config(arg=None):
 
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 64
-    config.train.num_epochs = 16 if arg.data in ("fer2013", "ferplus") else 30
+    config.train.num_epochs = 18 if arg.data in ("fer2013", "ferplus") else 30
     config.train.num_steps = 0  # > 0 overrides num_epochs.
     config.train.optimizer = "adamw"  # adam | adamw | sgd (momentum 0.9, nesterov)
     config.train.learning_rate = 1e-3
