@@ -6,7 +6,8 @@ clients) it measures seconds per round (median of --repeats rounds after one war
 compile time (first round minus the median), client updates/s, useful examples/s, padding
 efficiency, peak RSS, and the ratio of useful examples/s to a centralized jitted training loop
 of the same model, batch size and examples. --backends compares sequential / chunked / vmap
-client layouts; --scaling compares peak RSS for populations of 1,000 and 100,000 clients.
+client layouts; --tails compares tail batches (PackingConfig.tail_multiple, 0 = each epoch's last
+batch padded to 16 rows); --scaling compares peak RSS for populations of 1,000 and 100,000 clients.
 Every configuration runs in its own subprocess so compile time and peak RSS are its own.
 
   python benchmarks/federated_throughput.py                  # full table (long on 2 cores)
@@ -75,7 +76,7 @@ def build_model(name):
     raise ValueError(f"unknown model {name!r}")
 
 
-def run_one(model_name, dist, cohort, backend_name, population_size, repeats):
+def run_one(model_name, dist, cohort, backend_name, population_size, repeats, tail=0):
     """One configuration in this process; returns a dict of measurements."""
     import jax
     import jax.numpy as jnp
@@ -94,7 +95,7 @@ def run_one(model_name, dist, cohort, backend_name, population_size, repeats):
     max_steps = -(-SIZES[dist]["max_size"] // BATCH)
     engine = fl.FederatedEngine(
         method, packing=fl.PackingConfig(batch_size=BATCH, step_buckets=tuple(
-            range(1, max_steps + 1)), clients_per_call=k),
+            range(1, max_steps + 1)), clients_per_call=k, tail_multiple=tail),
         backend=fl.RoundBackend(vmap_width=vmap, step_unroll=b["step_unroll"],
                                 group_unroll=b["group_unroll"]),
         mesh=fl.clients_mesh(jax.devices()[:1]))
@@ -150,7 +151,7 @@ def run_one(model_name, dist, cohort, backend_name, population_size, repeats):
     central_rate = n / float(np.median(central))
     return {
         "model": model_name, "model_desc": model_desc, "sizes": dist, "cohort": cohort,
-        "backend": backend_name, "clients_per_call": k, "vmap_width": vmap,
+        "backend": backend_name, "clients_per_call": k, "vmap_width": vmap, "tail_multiple": tail,
         "population": population_size, "rounds_timed": repeats,
         "s_per_round": med, "round_times": times, "compile_s": times[0] - med,
         "client_updates_per_s": float(np.mean(updates[1:])) / med,
@@ -169,11 +170,21 @@ def spawn(args_list):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def config_key(r):
+    """What identifies a configuration: model, sizes, cohort, backend, population, tail."""
+    if "config" in r:  # a failed run
+        cfg = list(r["config"])
+        return cfg[:5] + [cfg[6] if len(cfg) > 6 else 0]
+    return [r.get("model"), r.get("sizes"), r.get("cohort"), r.get("backend"),
+            r.get("population"), r.get("tail_multiple", 0)]
+
+
 def row(r):
     if "error" in r:
         return f"{r['config']}: ERROR"
     return (f"{r['model']:4s} {r['sizes']:9s} {r['cohort']:5d} {r['backend']:12s} "
-            f"{r['population']:7d} {r['s_per_round']:8.3f} {r['compile_s']:7.1f} "
+            f"{r['population']:7d} {r.get('tail_multiple', 0):4d} {r['s_per_round']:8.3f} "
+            f"{r['compile_s']:7.1f} "
             f"{r['client_updates_per_s']:8.1f} {r['useful_examples_per_s']:8.0f} "
             f"{r['padding_efficiency']:5.2f} {r['peak_rss_mb']:7.0f} "
             f"{r['central_examples_per_s']:8.0f} {r['ratio_vs_central']:5.2f}")
@@ -188,6 +199,8 @@ def main():
     ap.add_argument("--dists", default="uniform,lognormal")
     ap.add_argument("--cohorts", default="10,100,1000")
     ap.add_argument("--population", type=int, default=100_000)
+    ap.add_argument("--tails", default="0,4",
+                    help="PackingConfig.tail_multiple values to compare (0 = full last batches)")
     ap.add_argument("--backends", action="store_true", help="compare client layouts at C=32")
     ap.add_argument("--scaling", action="store_true", help="peak RSS vs population size")
     ap.add_argument("--no-main", action="store_true", help="skip the main table")
@@ -199,14 +212,15 @@ def main():
     repeats = 3 if args.quick else args.repeats
     configs = []
     if not args.no_main:
-        configs += [[m, d, c, AUTO[m], args.population, repeats] for m in args.models.split(",")
-                    for d in args.dists.split(",") for c in cohorts]
+        configs += [[m, d, c, AUTO[m], args.population, repeats, int(t)]
+                    for m in args.models.split(",") for d in args.dists.split(",")
+                    for c in cohorts for t in args.tails.split(",")]
     if args.backends:
         configs += [[m, "uniform", 32, b, args.population, repeats]
                     for m in args.models.split(",") for b in BACKENDS]
     if args.scaling:
         configs += [["mlp", "uniform", 100, AUTO["mlp"], n, repeats] for n in (1_000, 100_000)]
-    print("model sizes     C     backend      populat  s/round compile upd/s    ex/s     "
+    print("model sizes     C     backend      populat tail  s/round compile upd/s    ex/s     "
           "eff   RSS_MB  central  ratio", flush=True)
     results = []
     previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": []}
@@ -216,10 +230,8 @@ def main():
         print(row(r), flush=True)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         # Keep earlier runs of other configurations; replace same-configuration entries.
-        keep = [p for p in previous["runs"] if p.get("config", [p.get("model"), p.get("sizes"),
-                p.get("cohort"), p.get("backend"), p.get("population")])[:5]
-                not in [q.get("config", [q.get("model"), q.get("sizes"), q.get("cohort"),
-                        q.get("backend"), q.get("population")])[:5] for q in results]]
+        done = [config_key(q) for q in results]
+        keep = [p for p in previous["runs"] if config_key(p) not in done]
         RESULTS.write_text(json.dumps({"machine": "2-core CPU VM (shared)", "batch": BATCH,
                                        "runs": keep + results}, indent=1))
 

@@ -56,6 +56,7 @@ def test_fedavg_round_metrics_and_exact_resume(tmp_path, make_config):
     ("fed.partition", "random", "config.fed.partition='random'"),
     ("fed.server_optimizer", "fedsgd", "config.fed.server_optimizer='fedsgd'"),
     ("fed.dirichlet_alpha", 0.0, "config.fed.dirichlet_alpha=0.0"),
+    ("fed.tail_multiple", 17, "config.fed.tail_multiple=17"),
 ])
 def test_bad_values_name_the_field(field, value, message, make_config):
     from fer_jax.experiments import fedavg

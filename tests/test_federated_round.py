@@ -146,3 +146,79 @@ def test_backends_agree(backend):
         results.append(to_np(state.variables))
     for k in results[0]:
         np.testing.assert_allclose(results[0][k], results[1][k], atol=1e-6, rtol=1e-5)
+
+
+def tail_engine(tail_multiple, *, buckets=(3, 9), clients_per_call=2, epochs=1, shuffle=False,
+                backend=None, client_optimizer=None):
+    method = (METHODS[0.0] if client_optimizer is None else
+              fl.SupervisedClient(fl.classifier_loss(MODEL.apply), client_optimizer))
+    packing = fl.PackingConfig(batch_size=BATCH, step_buckets=buckets, local_epochs=epochs,
+                               clients_per_call=clients_per_call, shuffle=shuffle,
+                               tail_multiple=tail_multiple)
+    engine = fl.FederatedEngine(method, packing=packing, backend=backend or fl.RoundBackend(),
+                                mesh=fl.clients_mesh(jax.devices()[:1]))
+    return engine, MODEL.init(jax.random.PRNGKey(0), jnp.zeros((1, DIM)), train=False)
+
+
+@pytest.mark.parametrize("tail_multiple", [1, 2])
+def test_tail_batches_match_numpy_fedavg(tail_multiple):
+    """Tail steps of ceil(r / g) * g rows: same FedAvg as the reference, less padding."""
+    clients, population = make_population()
+    engine, variables = tail_engine(tail_multiple)
+    ref = to_np(variables)
+    state = engine.init(variables)
+    cohort = [0, 1, 2, 3, 4, 5, 6]
+    plan = engine.plan(population, cohort)
+    assert {c.tail for c in plan.chunks} <= set(range(tail_multiple, BATCH + 1, tail_multiple))
+    state, result = engine.run_round(state, population, plan, jax.random.PRNGKey(1))
+    mean_delta = np_round(ref, clients, cohort, weighting="num_examples")
+    got = to_np(state.variables)
+    for k in ref:
+        np.testing.assert_allclose(got[k], ref[k] + mean_delta[k], atol=1e-5, rtol=1e-5)
+    assert result.totals["count"] == sum(SIZES)
+    # One client per call (no padding clients), every step count a bucket: tails leave less
+    # padding than full last batches.
+    every = tuple(range(1, 10))
+    tails = tail_engine(tail_multiple, clients_per_call=1, buckets=every)[0]
+    full = tail_engine(0, clients_per_call=1, buckets=every)[0]
+    assert (tails.plan(population, cohort).padding_efficiency
+            > full.plan(population, cohort).padding_efficiency)
+
+
+def test_tail_batches_without_padding_have_efficiency_one():
+    """One client per call, every step count a bucket and tails of one row: no padding at all."""
+    _, population = make_population()
+    engine, _ = tail_engine(1, buckets=tuple(range(1, 10)), clients_per_call=1)
+    plan = engine.plan(population, [0, 1, 2, 3, 4, 5, 6])
+    assert plan.padding_efficiency == 1.0
+    assert [(c.steps, c.tail) for c in plan.chunks] == sorted(
+        (-(-n // BATCH) - 1, n - (-(-n // BATCH) - 1) * BATCH) for n in SIZES if n)
+
+
+@pytest.mark.parametrize("backend", [fl.RoundBackend(), fl.RoundBackend(vmap_width=2)])
+def test_tail_layout_equals_default_layout(backend):
+    """Shuffled examples, two local epochs, client momentum: same batches, same result."""
+    _, population = make_population(2)
+    results = []
+    for g in (0, 2):
+        engine, variables = tail_engine(g, epochs=2, shuffle=True, backend=backend,
+                                        buckets=(3, 9, 18),
+                                        client_optimizer=optax.sgd(LR, momentum=0.9))
+        state = engine.init(variables)
+        for r, cohort in enumerate(([0, 2, 3, 4], [6, 5, 3, 1])):
+            state, res = engine.run_round(state, population, engine.plan(population, cohort),
+                                          jax.random.PRNGKey(3), seed=r)
+        results.append((to_np(state.variables), res.totals))
+    for k in results[0][0]:
+        np.testing.assert_allclose(results[0][0][k], results[1][0][k], atol=1e-5, rtol=1e-5)
+    for k in results[0][1]:
+        assert results[0][1][k] == pytest.approx(results[1][1][k], rel=1e-5)
+
+
+def test_tail_multiple_validated_and_too_big_client_named():
+    with pytest.raises(ValueError, match="tail_multiple"):
+        fl.PackingConfig(batch_size=4, tail_multiple=5)
+    _, population = make_population()
+    engine, _ = tail_engine(2, buckets=(1,))
+    with pytest.raises(ValueError, match=r"clients \[3\] have \[33\] examples"):
+        engine.plan(population, [0, 3])

@@ -59,6 +59,8 @@ def validate_config(config) -> None:
     check(fed.batch_size >= 1, "fed.batch_size", ">= 1")
     check(fed.local_epochs >= 1, "fed.local_epochs", ">= 1")
     check(fed.clients_per_call >= 1, "fed.clients_per_call", ">= 1")
+    check(0 <= fed.tail_multiple <= fed.batch_size, "fed.tail_multiple",
+          f"in [0, fed.batch_size={fed.batch_size}] (0 = pad the last batch to the batch size)")
     check(config.checkpoint_every_rounds >= 1, "checkpoint_every_rounds", ">= 1")
 
 
@@ -91,6 +93,8 @@ def build_engine(config, model, *, max_client_size: int) -> fl.FederatedEngine:
     """The engine for this config; step buckets grow to fit the largest client of the run."""
     fed = config.fed
     most_steps = fed.local_epochs * -(-max_client_size // fed.batch_size)
+    if fed.tail_multiple:  # buckets then bound the full steps of one epoch (0 always allowed)
+        most_steps = max(-(-max_client_size // fed.batch_size) - 1, 1)
     buckets = tuple(b for b in fl.packing.DEFAULT_STEP_BUCKETS if b < most_steps) + (most_steps,)
     # Every device of the 'clients' mesh axis takes vmap_width clients per call at least.
     unit = jax.device_count() * fed.vmap_width
@@ -108,7 +112,8 @@ def build_engine(config, model, *, max_client_size: int) -> fl.FederatedEngine:
         fl.SupervisedClient(loss_fn, client_opt, prox_mu=fed.prox_mu),
         server_optimizer=fl.server_optimizer(fed.server_optimizer, **server_kwargs),
         packing=fl.PackingConfig(batch_size=fed.batch_size, local_epochs=fed.local_epochs,
-                                 clients_per_call=per_call, step_buckets=buckets),
+                                 clients_per_call=per_call, step_buckets=buckets,
+                                 tail_multiple=fed.tail_multiple),
         backend=fl.RoundBackend(vmap_width=fed.vmap_width, step_unroll=fed.unroll,
                                 group_unroll=fed.unroll),
         weighting=fed.weighting)

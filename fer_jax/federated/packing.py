@@ -9,6 +9,14 @@ is partial and masked. A client's step count is rounded up to the smallest of a 
 `step_buckets`, so the round compiles once per bucket, never per cohort. Clients with no
 examples are left out of the chunks (they would contribute nothing). Padding efficiency =
 useful example slots / computed example slots.
+
+Tail batches (`tail_multiple` = g > 0): an epoch's last batch then gets its own step of
+ceil(r / g) * g rows instead of batch_size rows (r = examples left for it), so small clients do
+not compute a mostly-padded full batch. A chunk then holds clients with the same number of full
+steps per epoch (bucketed over {0} + step_buckets) and the same tail width; its layout is
+`data` [K, E, S, B, ...] for the full steps and `tail_data` [K, E, T, ...] for the tail steps,
+which run after the full steps of their epoch. The batches (and the step keys) are exactly
+those of the default layout: only the padding differs, so the round's result is the same.
 """
 
 from __future__ import annotations
@@ -31,6 +39,10 @@ class PackingConfig:
       than the largest bucket is an error. clients_per_call: clients per chunk (a multiple of the
       number of devices times the vmap width). shuffle: reshuffle each client's examples every
       epoch, seeded by (seed, round, client id, epoch); False keeps the stored order.
+    tail_multiple: 0 pads each epoch's last batch to batch_size (one batch shape); g > 0 gives it
+      its own step of ceil(r / g) * g rows (at most batch_size / g more compiled shapes per step
+      bucket; step_buckets then bound the full steps per epoch, 0 always allowed). The method's
+      step must accept any batch size (a masked mean loss does).
     """
 
     batch_size: int = 16
@@ -38,6 +50,7 @@ class PackingConfig:
     step_buckets: tuple[int, ...] = DEFAULT_STEP_BUCKETS
     clients_per_call: int = 8
     shuffle: bool = True
+    tail_multiple: int = 0
 
     def __post_init__(self):
         if self.batch_size < 1 or self.local_epochs < 1 or self.clients_per_call < 1:
@@ -45,20 +58,30 @@ class PackingConfig:
         buckets = tuple(self.step_buckets)
         if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
             raise ValueError(f"step_buckets must be distinct ascending ints >= 1, got {buckets}")
+        if not 0 <= self.tail_multiple <= self.batch_size:
+            raise ValueError(f"tail_multiple must be in [0, batch_size={self.batch_size}], got "
+                             f"{self.tail_multiple}")
 
     @property
     def max_examples(self) -> int:
         """The most examples a client may hold: the largest bucket, full batches."""
+        if self.tail_multiple:
+            return (self.step_buckets[-1] + 1) * self.batch_size
         return (self.step_buckets[-1] // self.local_epochs) * self.batch_size
 
 
 @dataclasses.dataclass(frozen=True)
 class ChunkPlan:
-    """One chunk: `steps` local steps for clients `client_ids` ([K], -1 marks a padding client)."""
+    """One chunk: `steps` local steps for clients `client_ids` ([K], -1 marks a padding client).
+
+    With tail batches (`tail` > 0), `steps` counts the full steps of one epoch and every epoch
+    ends with a step of `tail` rows.
+    """
 
     steps: int
     client_ids: np.ndarray
     num_examples: np.ndarray
+    tail: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +102,9 @@ class CohortPlan:
     @property
     def computed_examples(self) -> int:
         """Example slots the round computes, padding included."""
-        return sum(len(c.client_ids) * c.steps * self.batch_size for c in self.chunks)
+        return sum(len(c.client_ids) * (c.steps * self.batch_size if not c.tail else
+                                         self.local_epochs * (c.steps * self.batch_size + c.tail))
+                   for c in self.chunks)
 
     @property
     def padding_efficiency(self) -> float:
@@ -111,6 +136,8 @@ def plan_cohort(client_ids, sizes, config: PackingConfig) -> CohortPlan:
     if sizes.sum() == 0:
         raise ValueError(f"all {len(ids)} clients of the cohort have zero examples: the aggregation"
                          " weights are all zero")
+    if config.tail_multiple:
+        return _plan_with_tails(ids, sizes, config)
     steps = client_steps(sizes, config)
     buckets = np.asarray(config.step_buckets)
     too_big = steps > buckets[-1]
@@ -135,26 +162,62 @@ def plan_cohort(client_ids, sizes, config: PackingConfig) -> CohortPlan:
     return CohortPlan(tuple(chunks), ids, sizes, config.batch_size, config.local_epochs)
 
 
+def tail_widths(sizes, config: PackingConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(full steps per epoch, tail width) per client with tail batches; (0, 0) for n = 0."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    bsz, g = config.batch_size, config.tail_multiple
+    full = np.maximum(-(-sizes // bsz) - 1, 0)
+    rest = sizes - full * bsz
+    return full, np.minimum(-(-rest // g) * g, bsz)
+
+
+def _plan_with_tails(ids, sizes, config: PackingConfig) -> CohortPlan:
+    full, tail = tail_widths(sizes, config)
+    buckets = np.asarray((0,) + tuple(config.step_buckets))
+    too_big = full > buckets[-1]
+    if np.any(too_big):
+        bad = np.flatnonzero(too_big)[:5]
+        raise ValueError(
+            f"clients {ids[bad].tolist()} have {sizes[bad].tolist()} examples, more than the "
+            f"largest step bucket holds ({config.max_examples} = {buckets[-1]} full steps + a "
+            f"tail of at most {config.batch_size}); add a larger step bucket")
+    bucket_of = np.searchsorted(buckets, full)
+    k = config.clients_per_call
+    chunks = []
+    live = sizes > 0
+    for b, t in sorted(set(zip(bucket_of[live].tolist(), tail[live].tolist(), strict=True))):
+        members = np.flatnonzero((bucket_of == b) & (tail == t) & live)
+        for start in range(0, len(members), k):
+            part = members[start:start + k]
+            pad = k - len(part)
+            chunks.append(ChunkPlan(
+                steps=int(buckets[b]), tail=int(t),
+                client_ids=np.concatenate([ids[part], np.full(pad, -1, np.int64)]),
+                num_examples=np.concatenate([sizes[part], np.zeros(pad, np.int64)])))
+    return CohortPlan(tuple(chunks), ids, sizes, config.batch_size, config.local_epochs)
+
+
 @dataclasses.dataclass(frozen=True)
 class PackedChunk:
     """Host arrays of one chunk (or of this process's rows of it).
 
     data: dict of [K, S, B, ...]; mask: [K, S, B] bool; client_ids, num_examples: [K].
+    With tail batches: data [K, E, S, B, ...], mask [K, E, S, B], tail_data [K, E, T, ...],
+    tail_mask [K, E, T].
     """
 
     data: dict
     mask: np.ndarray
     client_ids: np.ndarray
     num_examples: np.ndarray
+    tail_data: dict | None = None
+    tail_mask: np.ndarray | None = None
 
 
-def example_index(chunk: ChunkPlan, config: PackingConfig, *, seed: int, round_index: int,
-                  rows: slice = slice(None)) -> np.ndarray:
-    """[K, S, B] index of the client example in every slot (-1 = padding), vectorized."""
-    ids, sizes = chunk.client_ids[rows], chunk.num_examples[rows]
-    bsz, epochs = config.batch_size, config.local_epochs
-    per_epoch = chunk.steps // epochs if chunk.steps % epochs == 0 else -(-chunk.steps // epochs)
-    width = per_epoch * bsz  # slots per epoch
+def _epoch_order(ids, sizes, config: PackingConfig, width: int, *, seed: int,
+                 round_index: int) -> np.ndarray:
+    """[K, E, width] example order of every epoch (-1 past a client's size)."""
+    epochs = config.local_epochs
     pos = np.arange(width)
     if config.shuffle:
         # Per (client, epoch) permutation: argsort of hashed keys, padding keys sorted last.
@@ -164,7 +227,17 @@ def example_index(chunk: ChunkPlan, config: PackingConfig, *, seed: int, round_i
         order = np.argsort(keys, axis=-1, kind="stable")
     else:
         order = np.broadcast_to(pos, (len(ids), epochs, width))
-    order = np.where(pos[None, None, :] < sizes[:, None, None], order, -1)
+    return np.where(pos[None, None, :] < sizes[:, None, None], order, -1)
+
+
+def example_index(chunk: ChunkPlan, config: PackingConfig, *, seed: int, round_index: int,
+                  rows: slice = slice(None)) -> np.ndarray:
+    """[K, S, B] index of the client example in every slot (-1 = padding), vectorized."""
+    ids, sizes = chunk.client_ids[rows], chunk.num_examples[rows]
+    bsz, epochs = config.batch_size, config.local_epochs
+    per_epoch = chunk.steps // epochs if chunk.steps % epochs == 0 else -(-chunk.steps // epochs)
+    width = per_epoch * bsz  # slots per epoch
+    order = _epoch_order(ids, sizes, config, width, seed=seed, round_index=round_index)
     index = np.full((len(ids), chunk.steps * bsz), -1, np.int64)
     # Each epoch fills ceil(n / B) steps; the rest of the bucket's steps stay padding.
     spe = -(-sizes // bsz)
@@ -178,12 +251,44 @@ def example_index(chunk: ChunkPlan, config: PackingConfig, *, seed: int, round_i
     return index.reshape(len(ids), chunk.steps, bsz)
 
 
+def tail_example_index(chunk: ChunkPlan, config: PackingConfig, *, seed: int, round_index: int,
+                       rows: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+    """([K, E, S, B], [K, E, T]) example indices of the full and tail steps (-1 = padding).
+
+    Epoch e's full step j takes the same examples as in `example_index`; the tail step takes the
+    rest of the epoch (rows past them are padding).
+    """
+    ids, sizes = chunk.client_ids[rows], chunk.num_examples[rows]
+    bsz, s, t = config.batch_size, chunk.steps, chunk.tail
+    width = s * bsz + t
+    order = _epoch_order(ids, sizes, config, width, seed=seed, round_index=round_index)
+    full_per_client = np.maximum(-(-sizes // bsz) - 1, 0)[:, None, None]
+    pos = np.arange(s * bsz)
+    full = np.where(pos < full_per_client * bsz, order[..., :s * bsz], -1)
+    start = full_per_client * bsz + np.arange(t)  # [K, 1, T]
+    tail = np.take_along_axis(order, np.broadcast_to(np.minimum(start, width - 1),
+                                                     order.shape[:2] + (t,)), axis=-1)
+    tail = np.where(start < sizes[:, None, None], tail, -1)
+    return full.reshape(len(ids), config.local_epochs, s, bsz), tail
+
+
 def materialize_chunk(population: Population, chunk: ChunkPlan, config: PackingConfig, *,
                       seed: int = 0, round_index: int = 0,
                       rows: slice = slice(None)) -> PackedChunk:
     """Gathers the examples of `chunk` (rows `rows` only, for multi-host feeding)."""
-    index = example_index(chunk, config, seed=seed, round_index=round_index, rows=rows)
     ids = chunk.client_ids[rows]
+    if chunk.tail:
+        full, tail = tail_example_index(chunk, config, seed=seed, round_index=round_index,
+                                        rows=rows)
+        k = len(ids)
+        flat = population.gather(ids, np.concatenate([full.reshape(k, -1), tail.reshape(k, -1)],
+                                                     axis=1))
+        cut = full[0].size
+        data = {key: v[:, :cut].reshape(full.shape + v.shape[2:]) for key, v in flat.items()}
+        tail_data = {key: v[:, cut:].reshape(tail.shape + v.shape[2:])
+                     for key, v in flat.items()}
+        return PackedChunk(data, full >= 0, ids, chunk.num_examples[rows], tail_data, tail >= 0)
+    index = example_index(chunk, config, seed=seed, round_index=round_index, rows=rows)
     k, s, b = index.shape
     flat = population.gather(ids, index.reshape(k, s * b))
     data = {key: v.reshape((k, s, b) + v.shape[2:]) for key, v in flat.items()}
