@@ -161,6 +161,44 @@ def run_one(model_name, dist, cohort, backend_name, population_size, repeats, ta
     }
 
 
+def batch_curve(model_name, batches=(4, 8, 12, 16), steps=60):
+    """Examples/s of the centralized train step at each batch size (what a tail step costs)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from fer_jax import federated as fl
+
+    model, _ = build_model(model_name)
+    loss_fn = fl.classifier_loss(model.apply)
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 48, 48, 1), jnp.uint8),
+                           train=False)
+    opt = optax.sgd(0.05)
+    rng = np.random.default_rng(0)
+    out = {}
+    for b in batches:
+        def step(carry, batch, b=b):
+            params, opt_state = carry
+            grads = jax.grad(lambda p: loss_fn(p, {}, batch, jnp.ones(b, bool),
+                                               jax.random.PRNGKey(0))[0])(params)
+            upd, opt_state = opt.update(grads, opt_state, params)
+            return optax.apply_updates(params, upd), opt_state
+
+        step = jax.jit(step, donate_argnums=0)
+        batch = {"image": rng.integers(0, 256, (b, 48, 48, 1), dtype=np.uint8),
+                 "label": rng.integers(0, 7, b).astype(np.int32)}
+        carry = step((jax.tree.map(jnp.array, variables["params"]),
+                      opt.init(variables["params"])), batch)
+        jax.block_until_ready(carry)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            carry = step(carry, batch)
+        jax.block_until_ready(carry)
+        out[b] = b * steps / (time.perf_counter() - t0)
+    return {"model": model_name, "examples_per_s_by_batch": out}
+
+
 def spawn(args_list):
     out = subprocess.run([sys.executable, __file__, "--one", json.dumps(args_list)],
                          capture_output=True, text=True, check=False)
@@ -203,10 +241,19 @@ def main():
                     help="PackingConfig.tail_multiple values to compare (0 = full last batches)")
     ap.add_argument("--backends", action="store_true", help="compare client layouts at C=32")
     ap.add_argument("--scaling", action="store_true", help="peak RSS vs population size")
+    ap.add_argument("--batch_curve", action="store_true",
+                    help="centralized examples/s at batch 4, 8, 12, 16 (first of --models)")
     ap.add_argument("--no-main", action="store_true", help="skip the main table")
     args = ap.parse_args()
     if args.one:
         print(json.dumps(run_one(*json.loads(args.one))))
+        return
+    if args.batch_curve:
+        curve = batch_curve(args.models.split(",")[0])
+        print(json.dumps(curve))
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": []}
+        RESULTS.write_text(json.dumps(previous | {"batch_curve": curve}, indent=1))
         return
     cohorts = [10, 100] if args.quick else [int(c) for c in args.cohorts.split(",")]
     repeats = 3 if args.quick else args.repeats

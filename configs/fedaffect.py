@@ -81,6 +81,10 @@ def get_config(arg=None):
     fa.train_encoder = True  # LocalFewShot trains f and g jointly (False: f frozen there)
     fa.eval_episodes = 500  # >= 500 episodes on held-out clients (mean and 95% interval)
     fa.num_heldout_clients = 0  # > 0: the eval split cut into this many random held-out clients
+    # within_client: supports and queries from one held-out client; cross_client: supports from
+    # one, queries from the next (CK+48's default: a subject's images of one class are frames of
+    # one sequence, near-duplicates, so within-client queries copy their support).
+    fa.eval_protocol = "within_client"
     fa.plot_points = 600  # images in the 2-D embedding plot
 
     rep = config.repr = ml_collections.ConfigDict()
@@ -122,6 +126,7 @@ def get_config(arg=None):
         # CK+ subjects hold ~8 images: every image is labeled and also used unlabeled (as the
         # paper uses FERG's images for both learners).
         fa.labeled_fraction, fa.unlabeled = 1.0, "all"
+        fa.eval_protocol = "cross_client"
         rep.batch_size = 16
         rep.cohort_size, few.cohort_size = 16, 16
         fed.rounds = 60

@@ -58,7 +58,7 @@ def get_config(arg=None):
     fed.clients_per_call = 1
     # Each epoch's last batch gets its own step of ceil(rows / 4) * 4 rows instead of a padded
     # full batch (0 = pad to batch_size). Same training, less padded compute; more compiled shapes.
-    fed.tail_multiple = 0
+    fed.tail_multiple = 4
     fed.vmap_width = 1
     fed.unroll = True
 

@@ -171,5 +171,23 @@ def test_heldout_episodes():
         ep.heldout_episodes(np.array([1, 1, 1]), num_classes=3, num_episodes=2, seed=0)
 
 
+def test_heldout_episodes_with_support_pool():
+    """Cross-client episodes: supports from the pool (client A), queries = the rest (client B)."""
+    labels = np.array([0, 1, 2, 0, 1, 1, 3, 2])
+    pool = np.array([1, 1, 1, 0, 0, 0, 0, 0], bool)  # A holds classes 0-2; B holds 0, 1, 1, 3, 2
+    e = ep.heldout_episodes(labels, num_classes=4, num_episodes=20, seed=3, support_pool=pool)
+    np.testing.assert_array_equal(e.class_valid, [1, 1, 1, 0])
+    np.testing.assert_array_equal(e.support_index[:, :3, 0], np.tile([0, 1, 2], (20, 1)))
+    # Every image of B whose class A can support is a query, in every episode; B's class-3
+    # image cannot be answered and is skipped (counted); A's images are never queries.
+    np.testing.assert_array_equal(e.query_mask, np.tile([0, 0, 0, 1, 1, 1, 0, 1], (20, 1)))
+    assert e.skipped_images == 1
+    with pytest.raises(ValueError, match="support_pool"):
+        ep.heldout_episodes(labels, num_classes=4, num_episodes=2, seed=0, support_pool=pool[:3])
+    with pytest.raises(ValueError, match="fewer than 2 classes"):
+        ep.heldout_episodes(labels, num_classes=4, num_episodes=2, seed=0,
+                            support_pool=labels == 3)
+
+
 def test_fewshot_eligibility_is_more_than_c():
     np.testing.assert_array_equal(ep.fewshot_eligible([7, 8, 0, 20], 7), [0, 1, 0, 1])

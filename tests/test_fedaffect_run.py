@@ -109,6 +109,7 @@ def test_run_without_unlabeled_or_labeled_clients_fails_clearly(make_config, tmp
     ("repr.batch_size", 1, "repr.batch_size"),
     ("fedaffect.unlabeled", "some", "fedaffect.unlabeled"),
     ("model.relation_norm", "batch", "model.relation_norm"),
+    ("fedaffect.eval_protocol", "pairs", "fedaffect.eval_protocol"),
 ])
 def test_validate_config_names_the_field(make_config, field, value, match):
     config = make_config("fedaffect", "runlocal", **{field: value})
@@ -125,7 +126,12 @@ def test_paper_and_real_data_configs_validate(make_config):
 
 @pytest.mark.slow
 def test_centralized_runlocal(make_config, tmp_path):
-    config = make_config("fedaffect", "runlocal,mode=centralized")
+    # Cross-client episodes (CK+48's default protocol): supports of one unseen subject,
+    # queries of the next.
+    config = make_config("fedaffect", "runlocal,mode=centralized",
+                         **{"fedaffect.eval_protocol": "cross_client"})
     results = fedaffect.run(config, str(tmp_path))
     assert results["mode"] == "centralized" and 0 <= results["fewshot"]["accuracy"] <= 1
+    assert results["fewshot"]["protocol"] == "cross_client"
+    assert results["fewshot"]["episodes"] >= config.fedaffect.eval_episodes
     assert (tmp_path / "embedding_tsne.png").is_file()

@@ -95,37 +95,46 @@ class HeldoutEpisodes:
 
 
 def heldout_episodes(labels: np.ndarray, *, num_classes: int, shots: int = 1, num_episodes: int,
-                  seed) -> HeldoutEpisodes:
+                     seed, support_pool: np.ndarray | None = None) -> HeldoutEpisodes:
     """Episodes on a held-out client: K supports per class, queries = every remaining image.
 
     A class with fewer than K images (or, for K = 1, none) cannot be supported: it is left out
     of every episode and its images are counted in `skipped_images`. Raises ValueError when
     fewer than 2 classes can be supported (no episode is possible). `seed` may be a sequence,
     e.g. (seed, client id).
+    support_pool: optional (n,) bool; supports are drawn only from these images and the queries
+    are all the others (e.g. supports from one subject, queries from another). Then a class is
+    valid when the pool holds >= K of its images.
     """
     labels = np.asarray(labels)
     if labels.ndim != 1 or (labels.size and (labels.min() < 0 or labels.max() >= num_classes)):
         raise ValueError(f"labels must be 1-D in [0, {num_classes}), got shape {labels.shape}")
     if num_episodes < 1 or shots < 1:
         raise ValueError(f"need num_episodes >= 1 and shots >= 1, got {num_episodes}, {shots}")
-    counts = np.bincount(labels, minlength=num_classes)
+    n = len(labels)
+    pool = np.ones(n, bool) if support_pool is None else np.asarray(support_pool, bool)
+    if pool.shape != (n,):
+        raise ValueError(f"support_pool must be ({n},) bool, got shape {pool.shape}")
+    counts = np.bincount(labels[pool], minlength=num_classes)
     class_valid = counts >= shots
     if class_valid.sum() < 2:
         raise ValueError(f"a test client with class counts {counts.tolist()} supports fewer "
                          f"than 2 classes with {shots} shot(s): no episode is possible")
     rng = np.random.default_rng(seed)
-    n = len(labels)
     # Vectorized draw: random keys, members of class c sorted first by key, K smallest win.
     keys = rng.random((num_episodes, n))
-    member = labels[None, :] == np.arange(num_classes)[:, None]                  # (C, n)
+    member = (labels[None, :] == np.arange(num_classes)[:, None]) & pool[None, :]  # (C, n)
     scores = np.where(member[None], keys[:, None, :], 2.0)                       # (E, C, n)
     support = np.argsort(scores, axis=-1, kind="stable")[..., :shots]            # (E, C, K)
     support = np.where(class_valid[None, :, None], support, -1)
-    query_mask = np.broadcast_to(class_valid[labels], (num_episodes, n)).copy()
+    query_mask = np.broadcast_to(class_valid[labels] & (~pool if support_pool is not None
+                                                        else pool), (num_episodes, n)).copy()
     rows = np.repeat(np.arange(num_episodes), num_classes * shots)
     flat = support.reshape(-1)
     query_mask[rows[flat >= 0], flat[flat >= 0]] = False
-    return HeldoutEpisodes(support, class_valid, query_mask, int((~class_valid[labels]).sum()))
+    candidates = ~pool if support_pool is not None else pool
+    return HeldoutEpisodes(support, class_valid, query_mask,
+                           int((candidates & ~class_valid[labels]).sum()))
 
 
 def fewshot_eligible(labeled_counts, num_classes: int) -> np.ndarray:

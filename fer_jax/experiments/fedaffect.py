@@ -56,6 +56,7 @@ MODES = ("federated", "centralized")
 REPRESENTATIONS = ("simclr", "none")
 UNLABELED = ("rest", "all")
 DATASETS = ("synthetic", "ckplus48", "fer2013")
+EVAL_PROTOCOLS = ("within_client", "cross_client")
 ENCODERS = ("small_cnn", "resnet18", "resnet50", "resnet50v2")
 
 
@@ -82,6 +83,8 @@ def validate_config(config) -> None:
     check(fa.pool_size >= 2, "fedaffect.pool_size", ">= 2")
     check(fa.eval_episodes >= 1, "fedaffect.eval_episodes", ">= 1")
     check(fa.num_heldout_clients >= 0, "fedaffect.num_heldout_clients", ">= 0")
+    check(fa.eval_protocol in EVAL_PROTOCOLS, "fedaffect.eval_protocol",
+          f"one of {EVAL_PROTOCOLS}")
     check(rep.batch_size >= 2, "repr.batch_size", ">= 2 (NT-Xent needs negatives)")
     check(rep.temperature > 0, "repr.temperature", "> 0")
     check(rep.local_epochs >= 1, "repr.local_epochs", ">= 1")
@@ -330,8 +333,10 @@ def evaluate_fewshot(few_params, few_model, clients, *, num_classes: int, config
     """Episodes on held-out clients: accuracy mean and 95% interval, chance, confusion matrix.
 
     Per client: E = ceil(eval_episodes / clients) episodes of K supports per class from that
-    client, queries = all its other images; prediction = argmax relation score over the
-    episode's classes. Also the nearest-class-map accuracy by cosine similarity of pooled
+    client, queries = all its other images (fedaffect.eval_protocol='within_client'), or all the
+    images of the next held-out client (c + 1 mod n: 'cross_client', supports and queries of
+    different people, so never frames of one sequence); prediction = argmax relation score over
+    the episode's classes. Also the nearest-class-map accuracy by cosine similarity of pooled
     encoder features (no relation module): a direct probe of the encoder.
     """
     fa = config.fedaffect
@@ -339,10 +344,21 @@ def evaluate_fewshot(few_params, few_model, clients, *, num_classes: int, config
     accs, nn_accs, chance = [], [], []
     cm = np.zeros((num_classes, num_classes), np.int64)
     skipped_clients, skipped_images = 0, 0
-    for c, (images, labels) in enumerate(clients):
+    if fa.eval_protocol == "cross_client":
+        if len(clients) < 2:
+            raise ValueError("fedaffect.eval_protocol='cross_client' needs >= 2 held-out clients,"
+                             f" got {len(clients)}")
+        pairs = [clients[c] + clients[(c + 1) % len(clients)] for c in range(len(clients))]
+        clients = [(np.concatenate([a_im, b_im]), np.concatenate([a_lab, b_lab]),
+                    np.arange(len(a_lab) + len(b_lab)) < len(a_lab))
+                   for a_im, a_lab, b_im, b_lab in pairs]
+    else:
+        clients = [(images, labels, None) for images, labels in clients]
+    for c, (images, labels, pool) in enumerate(clients):
         try:
             eps = episodes_lib.heldout_episodes(labels, num_classes=num_classes, shots=fa.shots,
-                                                num_episodes=per_client, seed=(seed, 77, c))
+                                                num_episodes=per_client, seed=(seed, 77, c),
+                                                support_pool=pool)
         except ValueError as e:
             logging.warning("held-out client %d skipped: %s", c, e)
             skipped_clients += 1
@@ -387,6 +403,7 @@ def evaluate_fewshot(few_params, few_model, clients, *, num_classes: int, config
     return {"accuracy": float(accs.mean()), "ci95": half(accs), "episodes": int(len(accs)),
             "chance": float(np.mean(chance)), "nearest_class_accuracy": float(nn_accs.mean()),
             "nearest_class_ci95": half(nn_accs), "clients": len(clients),
+            "protocol": fa.eval_protocol,
             "skipped_clients": skipped_clients, "skipped_query_images": int(skipped_images),
             "confusion_matrix": cm}
 
@@ -611,7 +628,8 @@ def run(config, workdir: str) -> dict:
                               "eval/nearest_class_accuracy": result["nearest_class_accuracy"]})
     writer.write_json("eval.json", results)
     line = (f"FedAffect ({tag}) on {dataset.name}: {fa.shots}-shot accuracy on "
-            f"{result['clients']} unseen clients = {result['accuracy']:.3f} +- "
+            f"{result['clients']} unseen clients ({result['protocol']} episodes) = "
+            f"{result['accuracy']:.3f} +- "
             f"{result['ci95']:.3f} (95% interval, {result['episodes']} episodes); chance level "
             f"{result['chance']:.3f}; nearest-class-feature probe "
             f"{result['nearest_class_accuracy']:.3f}. Figures in {workdir}/eval.json, "
