@@ -135,3 +135,24 @@ def test_centralized_runlocal(make_config, tmp_path):
     assert results["fewshot"]["protocol"] == "cross_client"
     assert results["fewshot"]["episodes"] >= config.fedaffect.eval_episodes
     assert (tmp_path / "embedding_tsne.png").is_file()
+
+
+@pytest.mark.parametrize("protocol", ["within_client", "cross_client"])
+def test_evaluate_spreads_episodes_over_usable_clients(make_config, protocol):
+    """A held-out client with one class (and, across clients, the pair it supports) is skipped
+    and counted; the other clients still give >= eval_episodes episodes in total."""
+    config = make_config("fedaffect", "runlocal", **{"fedaffect.eval_protocol": protocol,
+                                                     "fedaffect.eval_episodes": 30})
+    _, few_model = fedaffect.build_models(config, 3)
+    _, few_vars = fedaffect.init_variables(config, *fedaffect.build_models(config, 3), 3)
+    rng = np.random.default_rng(0)
+    shape = (config.data.image_size, config.data.image_size, config.data.channels)
+
+    def client(labels):
+        return rng.integers(0, 256, (len(labels),) + shape, dtype=np.uint8), np.asarray(labels)
+
+    clients = [client([0, 0, 1, 1, 2, 2]), client([1, 1, 1]), client([0, 1, 2, 2])]
+    result = fedaffect.evaluate_fewshot(few_vars["params"], few_model, clients, num_classes=3,
+                                        config=config, seed=0)
+    assert result["skipped_clients"] == 1 and result["protocol"] == protocol
+    assert result["episodes"] >= 30 and 0 <= result["accuracy"] <= 1

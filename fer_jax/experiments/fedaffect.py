@@ -340,7 +340,6 @@ def evaluate_fewshot(few_params, few_model, clients, *, num_classes: int, config
     encoder features (no relation module): a direct probe of the encoder.
     """
     fa = config.fedaffect
-    per_client = -(-fa.eval_episodes // len(clients))
     accs, nn_accs, chance = [], [], []
     cm = np.zeros((num_classes, num_classes), np.int64)
     skipped_clients, skipped_images = 0, 0
@@ -354,15 +353,26 @@ def evaluate_fewshot(few_params, few_model, clients, *, num_classes: int, config
                    for a_im, a_lab, b_im, b_lab in pairs]
     else:
         clients = [(images, labels, None) for images, labels in clients]
-    for c, (images, labels, pool) in enumerate(clients):
+    # Which clients support an episode with a query (independent of the draw), so that the
+    # episodes are spread over the usable ones and their total reaches eval_episodes.
+    usable = []
+    for c, (_, labels, pool) in enumerate(clients):
         try:
-            eps = episodes_lib.heldout_episodes(labels, num_classes=num_classes, shots=fa.shots,
-                                                num_episodes=per_client, seed=(seed, 77, c),
-                                                support_pool=pool)
+            probe = episodes_lib.heldout_episodes(labels, num_classes=num_classes,
+                                                  shots=fa.shots, num_episodes=1, seed=0,
+                                                  support_pool=pool)
+            if not probe.query_mask.any():
+                raise ValueError("no image is left as a query")
+            usable.append(c)
         except ValueError as e:
             logging.warning("held-out client %d skipped: %s", c, e)
             skipped_clients += 1
-            continue
+    per_client = -(-fa.eval_episodes // max(len(usable), 1))
+    for c in usable:
+        images, labels, pool = clients[c]
+        eps = episodes_lib.heldout_episodes(labels, num_classes=num_classes, shots=fa.shots,
+                                            num_episodes=per_client, seed=(seed, 77, c),
+                                            support_pool=pool)
         skipped_images += eps.skipped_images * per_client
         maps = _batched_maps(few_params, images, model=few_model, config=config)
         n = len(images)
