@@ -78,6 +78,7 @@ def base_config(arg, *, model: str) -> ml_collections.ConfigDict:
     fed.clients_per_call = 1
     fed.vmap_width = 1
     fed.unroll = True
+    fed.steps_per_call = 0  # > 0: a client's local steps in calls of at most this many
     config.eval_every_rounds = 10
     config.checkpoint_every_rounds = 10
 

@@ -13,7 +13,9 @@ model=small_cnn|resnet18|...
 Backend knobs (see WORKSPACE.md, "Federated engine"): fed.clients_per_call (clients per jitted
 chunk), fed.vmap_width (clients computed together by vmap; 1 on CPU, wide on GPU/TPU),
 fed.unroll (unroll local-step scans; needed for convolutions on XLA:CPU), fed.tail_multiple (the
-last batch of an epoch as its own smaller step: less padding, a few more compiled shapes).
+last batch of an epoch as its own smaller step: less padding, a few more compiled shapes),
+fed.steps_per_call (> 0: local steps in calls of at most this many, client states carried on
+device; bounds the unrolled program for clients with many steps).
 """
 
 import ml_collections
@@ -61,6 +63,7 @@ def get_config(arg=None):
     fed.tail_multiple = 4
     fed.vmap_width = 1
     fed.unroll = True
+    fed.steps_per_call = 0  # > 0: a client's local steps in calls of at most this many
 
     config.augment = ml_collections.ConfigDict(dict(
         flip=0.5, rotate_deg=10.0, scale=0.1, translate=0.1, brightness=0.2, contrast=0.2))

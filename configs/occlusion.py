@@ -105,6 +105,7 @@ def get_config(arg=None):
         fed.num_devices = 0  # devices of the 'clients' mesh; 0 = all
         fed.vmap_width = 1
         fed.unroll = True
+        fed.steps_per_call = 0  # > 0: a client's local steps in calls of at most this many
         config.eval_every_rounds = 10
         config.checkpoint_every_rounds = 10
 

@@ -156,3 +156,20 @@ def test_evaluate_spreads_episodes_over_usable_clients(make_config, protocol):
                                         config=config, seed=0)
     assert result["skipped_clients"] == 1 and result["protocol"] == protocol
     assert result["episodes"] >= 30 and 0 <= result["accuracy"] <= 1
+
+
+@pytest.mark.slow
+def test_segmented_local_steps_give_the_same_run(make_config, tmp_path):
+    """fed.steps_per_call=1 (each SimCLR step and episode its own call, client states carried on
+    device; what FER-2013 needs on CPU) trains the same two global models as one call."""
+    states = []
+    for steps in (0, 1):
+        config = make_config("fedaffect", "runlocal", **{
+            "fed.rounds": 1, "fed.steps_per_call": steps, "fedaffect.eval_episodes": 2,
+            "fedaffect.plot_points": 20})
+        fedaffect.run(config, str(tmp_path / str(steps)))
+        states.append(_restore(config, str(tmp_path / str(steps)))[0])
+    for name in ("rep", "few"):
+        a, b = (jax.tree.leaves(s[name].variables) for s in states)
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=2e-5, rtol=1e-4)

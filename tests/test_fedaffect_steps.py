@@ -111,6 +111,8 @@ def test_relation_group_norm_factored_exact_and_per_pair():
     sl = jnp.array([0, 1, 2])
     v = few.init(jax.random.PRNGKey(0), x[:3], sl, x[3:], train=False)
     assert "norm1" in v["params"]["relation"] and "norm2" in v["params"]["relation"]
+    # GroupNorm cancels a conv bias (zero gradient, Adam would step on float noise): none.
+    assert all("bias" not in v["params"]["relation"][c] for c in ("conv1", "conv2"))
     scores = np.asarray(few.apply(v, x[:3], sl, x[3:], train=False))
     maps = np.asarray(few.apply(v, x, train=False, method="features"))
     pairs = relation.pair_maps(jnp.asarray(maps[:3]), jnp.asarray(maps[3:]))

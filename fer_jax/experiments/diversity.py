@@ -334,8 +334,7 @@ def build_engine(config, model, *, max_client_size: int) -> fl.FederatedEngine:
         server_optimizer=fl.server_optimizer(fed.server_optimizer, **server_kwargs),
         packing=fl.PackingConfig(batch_size=fed.batch_size, local_epochs=fed.local_epochs,
                                  clients_per_call=fed.clients_per_call, step_buckets=buckets),
-        backend=fl.RoundBackend(vmap_width=fed.vmap_width, step_unroll=fed.unroll,
-                                group_unroll=fed.unroll),
+        backend=fl.RoundBackend.from_config(fed),
         weighting=fed.weighting)
 
 

@@ -231,8 +231,7 @@ def clients_mesh(config):
 def build_engines(config, rep_method, few_method, *, max_unlabeled: int, max_labeled: int):
     """The two engines (one per global model) with the configured backend knobs."""
     fed, rep, few = config.fed, config.repr, config.fewshot
-    backend = fl.RoundBackend(vmap_width=fed.vmap_width, step_unroll=fed.unroll,
-                              group_unroll=fed.unroll)
+    backend = fl.RoundBackend.from_config(fed)
     mesh = clients_mesh(config)
     pool = pool_size(config, max_labeled)
     rep_steps = rep.local_epochs * -(-max(max_unlabeled, 1) // rep.batch_size)

@@ -114,8 +114,7 @@ def build_engine(config, model, *, max_client_size: int) -> fl.FederatedEngine:
         packing=fl.PackingConfig(batch_size=fed.batch_size, local_epochs=fed.local_epochs,
                                  clients_per_call=per_call, step_buckets=buckets,
                                  tail_multiple=fed.tail_multiple),
-        backend=fl.RoundBackend(vmap_width=fed.vmap_width, step_unroll=fed.unroll,
-                                group_unroll=fed.unroll),
+        backend=fl.RoundBackend.from_config(fed),
         weighting=fed.weighting)
 
 

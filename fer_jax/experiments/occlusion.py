@@ -384,8 +384,7 @@ def _train_federated(config, workdir, writer, net, disc, dataset, train, test):
         method, server_optimizer=fl.server_optimizer(fed.server_optimizer, **server_kwargs),
         packing=fl.PackingConfig(batch_size=fed.batch_size, local_epochs=fed.local_epochs,
                                  clients_per_call=fed.clients_per_call, step_buckets=buckets),
-        backend=fl.RoundBackend(vmap_width=fed.vmap_width, step_unroll=fed.unroll,
-                                group_unroll=fed.unroll),
+        backend=fl.RoundBackend.from_config(fed),
         weighting=fed.weighting,
         mesh=fl.clients_mesh(jax.devices()[:fed.num_devices] if fed.num_devices else None))
     state = engine.init(variables)

@@ -21,7 +21,10 @@ from fer_jax.federated.round import (
     RoundBackend,
     RoundResult,
     ServerState,
+    client_begin,
     client_chunk,
+    client_end,
+    client_steps,
     server_update,
 )
 from fer_jax.federated.sampling import CohortSampler, SamplerState
@@ -30,7 +33,8 @@ __all__ = [
     "ArrayPopulation", "ClientMethod", "CohortPlan", "CohortSampler", "FEDERATED", "FROZEN",
     "FederatedEngine", "LOCAL", "LocalStore", "NonFiniteClientError", "PackingConfig",
     "RoundBackend", "RoundResult", "SamplerState", "ServerState", "SupervisedClient",
-    "SupervisedState", "SyntheticPopulation", "classifier_loss", "client_chunk",
-    "clients_mesh", "federate_all", "initialize_distributed", "pack_cohort", "plan_cohort",
+    "SupervisedState", "SyntheticPopulation", "classifier_loss", "client_begin",
+    "client_chunk", "client_end", "client_steps", "clients_mesh", "federate_all",
+    "initialize_distributed", "pack_cohort", "plan_cohort",
     "regex_filter", "server_optimizer", "server_update", "weighted_mean", "weighted_sum",
 ]

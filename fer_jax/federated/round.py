@@ -74,15 +74,30 @@ class RoundBackend:
       (benchmarks/federated_throughput.py): small CNN
       wants vmap_width=1 with everything unrolled, and few clients per call; a small MLP wants a
       wide vmap. On GPU/TPU use vmap_width = clients_per_call / devices and rolled scans.
+    steps_per_call: 0 = a chunk's clients run all their local steps in one call; L > 0 = in
+      calls of at most L steps (client_begin / client_steps / client_end), the client states
+      carried between calls on device. Same result (to float tolerance). For clients with many
+      local steps on CPU, where the unrolled one-call program is too large to compile (FedAffect
+      on FER-2013: 81 SimCLR steps); compiled shapes then no longer grow with client size.
     """
 
     vmap_width: int = 1
     step_unroll: int | bool = 1
     group_unroll: int | bool = 1
+    steps_per_call: int = 0
 
     def __post_init__(self):
         if self.vmap_width < 1:
             raise ValueError(f"vmap_width must be >= 1, got {self.vmap_width}")
+        if self.steps_per_call < 0:
+            raise ValueError(f"steps_per_call must be >= 0 (0 = all steps in one call), got "
+                             f"{self.steps_per_call}")
+
+    @classmethod
+    def from_config(cls, fed) -> RoundBackend:
+        """From a config's `fed` block: vmap_width, unroll (both scans), steps_per_call."""
+        return cls(vmap_width=fed.vmap_width, step_unroll=fed.unroll, group_unroll=fed.unroll,
+                   steps_per_call=fed.get("steps_per_call", 0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,16 +157,16 @@ def _scan(body, carry, xs, unroll):
     return carry, jax.tree.map(lambda *o: jnp.stack(o), *outs)
 
 
-def _client_update(spec: ClientSpec, variables, labels, local, c, rkey):
-    """One client: init, scan over local steps (all-padding steps skipped), final, delta.
-
-    c: this client's rows of the chunk ('data', 'mask', 'client_ids', 'num_examples', and with
-    tail batches 'tail_data', 'tail_mask').
-    """
-    trainable = partial.trainable_mask(labels)
+def _client_begin(spec: ClientSpec, variables, local, c, rkey):
+    """A client's initial method state and the key its steps fold their index into."""
+    trainable = partial.trainable_mask(partial.label_tree(variables, spec.param_filter))
     ckey = sampling.client_key(rkey, c["client_ids"])
     init_key, step_key = jax.random.split(ckey)
-    state = spec.method.init(partial.merge(variables, local), trainable, init_key)
+    return spec.method.init(partial.merge(variables, local), trainable, init_key), step_key
+
+
+def _step_body(spec: ClientSpec, step_key):
+    """The scan body of one local step: (state, (batch, mask, step index)) -> (state, metrics)."""
 
     def body(carry, xs):
         batch, m, i = xs
@@ -161,6 +176,34 @@ def _client_update(spec: ClientSpec, variables, labels, local, c, rkey):
         metrics = jax.tree.map(lambda v: jnp.where(live, v, 0).astype(jnp.float32), metrics)
         return _tree_where(live, new, carry), metrics
 
+    return body
+
+
+def _client_finish(spec: ClientSpec, variables, state, metrics):
+    """A client's FEDERATED delta, its new LOCAL subtree, its metrics, and whether all is finite."""
+    labels = partial.label_tree(variables, spec.param_filter)
+    out = spec.method.final(state)
+    server_fed = partial.select(variables, labels, partial.FEDERATED)
+    delta = jax.tree.map(jnp.subtract, partial.select(out, labels, partial.FEDERATED), server_fed)
+    new_local = partial.select(out, labels, partial.LOCAL)
+    finite = _all_finite(delta) & _all_finite(metrics) & _all_finite(new_local)
+    return delta, new_local, metrics, finite
+
+
+def steps_per_epoch(num_examples, batch_size):
+    """ceil(n / B): local steps of one epoch (NumPy or jnp). Step e * spe + j of any layout has
+    the key of step e * spe + j of the padded default layout."""
+    return -(-num_examples // batch_size)
+
+
+def _client_update(spec: ClientSpec, variables, local, c, rkey):
+    """One client: init, scan over local steps (all-padding steps skipped), final, delta.
+
+    c: this client's rows of the chunk ('data', 'mask', 'client_ids', 'num_examples', and with
+    tail batches 'tail_data', 'tail_mask').
+    """
+    state, step_key = _client_begin(spec, variables, local, c, rkey)
+    body = _step_body(spec, step_key)
     unroll = spec.backend.step_unroll
     if "tail_mask" not in c:
         steps = c["mask"].shape[0]
@@ -168,10 +211,9 @@ def _client_update(spec: ClientSpec, variables, labels, local, c, rkey):
                                     unroll)
         metrics = jax.tree.map(lambda v: v.sum(0), step_metrics)
     else:
-        # Epoch e: its full steps, then its tail step. Step e * spe + j has the key of step
-        # e * spe + j of the default layout (spe = ceil(n / B) steps per epoch).
+        # Epoch e: its full steps, then its tail step.
         full = c["mask"].shape[1]
-        spe = -(-c["num_examples"] // c["mask"].shape[-1])
+        spe = steps_per_epoch(c["num_examples"], c["mask"].shape[-1])
 
         def epoch(carry, xs):
             data, mask, tail_data, tail_mask, e = xs
@@ -189,12 +231,7 @@ def _client_update(spec: ClientSpec, variables, labels, local, c, rkey):
             epoch, state, (c["data"], c["mask"], c["tail_data"], c["tail_mask"],
                            jnp.arange(epochs)), unroll)
         metrics = jax.tree.map(lambda v: v.sum(0), epoch_metrics)
-    out = spec.method.final(state)
-    server_fed = partial.select(variables, labels, partial.FEDERATED)
-    delta = jax.tree.map(jnp.subtract, partial.select(out, labels, partial.FEDERATED), server_fed)
-    new_local = partial.select(out, labels, partial.LOCAL)
-    finite = _all_finite(delta) & _all_finite(metrics) & _all_finite(new_local)
-    return delta, new_local, metrics, finite
+    return _client_finish(spec, variables, state, metrics)
 
 
 def _weights(spec: ClientSpec, num_examples, client_ids):
@@ -203,31 +240,41 @@ def _weights(spec: ClientSpec, num_examples, client_ids):
     return jnp.where(live, w, 0.0)
 
 
-def _device_chunk(spec: ClientSpec, accum, state, chunk, local, key):
-    """This device's K/D clients of a chunk: groups of vmap_width, partial sums, psum."""
-    variables = state.variables
-    labels = partial.label_tree(variables, spec.param_filter)
-    rkey = sampling.round_key(key, state.round)
-    n = chunk["client_ids"].shape[0]
+def _over_clients(spec: ClientSpec, one, carry, xs, reduce=None):
+    """Applies `one` to each of this device's clients (leading axis of `xs`): groups of
+    vmap_width computed together by vmap, groups in a `_scan` (group_unroll).
+
+    reduce(carry, group_xs, group_out) -> (carry, kept) folds each group's outputs into `carry`
+    (e.g. weighted delta sums, so deltas are never stacked over clients); without it all outputs
+    are kept. Returns (carry, kept outputs with a leading client axis).
+    """
+    n = jax.tree.leaves(xs)[0].shape[0]
     width = min(spec.backend.vmap_width, n)
     if n % width:
         raise ValueError(f"{n} clients per device do not split into vmap groups of {width}")
-    grouped = jax.tree.map(lambda x: x.reshape((n // width, width) + x.shape[1:]),
-                           (chunk, local))
+    grouped = jax.tree.map(lambda x: x.reshape((n // width, width) + x.shape[1:]), xs)
 
-    def one(local_c, c):
-        return _client_update(spec, variables, labels, local_c, c, rkey)
-
-    def group(carry, xs):
-        g, loc = xs
+    def group(carry, g):
         if width == 1:
             # No vmap for one client: keeps plain (not grouped) convolutions on CPU.
-            out = one(*jax.tree.map(lambda x: x[0], (loc, g)))
-            out = jax.tree.map(lambda x: x[None], out)
+            out = jax.tree.map(lambda x: x[None], one(*jax.tree.map(lambda x: x[0], g)))
         else:
-            out = jax.vmap(one)(loc, g)
+            out = jax.vmap(one)(*g)
+        return (carry, out) if reduce is None else reduce(carry, g, out)
+
+    carry, outs = _scan(group, carry, grouped, spec.backend.group_unroll)
+    return carry, jax.tree.map(lambda x: x.reshape((n,) + x.shape[2:]), outs)
+
+
+def _accumulate(spec: ClientSpec, accum, clients, finished):
+    """Adds this device's finished clients into `accum` (weighted deltas, psum over 'clients').
+
+    clients: {'client_ids', 'num_examples'} [n]; finished: (delta, new_local, metrics, finite)
+    with a leading [n] axis. Returns (accum, (new_local, metrics, finite))."""
+
+    def reduce(carry, g, out):
         delta, new_local, metrics, finite = out
-        w = _weights(spec, g["num_examples"], g["client_ids"])
+        w = _weights(spec, g[0]["num_examples"], g[0]["client_ids"])
         use = jnp.where(finite, w, 0.0)
         d_sum, w_sum = aggregate.weighted_sum(delta, use)
         bad = jnp.sum((~finite) & (w > 0)).astype(jnp.int32)
@@ -237,12 +284,31 @@ def _device_chunk(spec: ClientSpec, accum, state, chunk, local, key):
 
     zero = Accumulator(jax.tree.map(jnp.zeros_like, accum.delta_sum), jnp.zeros((), jnp.float32),
                        jnp.zeros((), jnp.int32))
-    part, outs = _scan(group, zero, grouped, spec.backend.group_unroll)
+    part, outs = _over_clients(spec, finished, zero, clients, reduce)
     total = jax.lax.psum(part, mesh_lib.CLIENTS)
     accum = Accumulator(jax.tree.map(jnp.add, accum.delta_sum, total.delta_sum),
                         accum.weight_sum + total.weight_sum, accum.nonfinite + total.nonfinite)
-    outs = jax.tree.map(lambda x: x.reshape((n,) + x.shape[2:]), outs)
     return accum, outs
+
+
+def _device_chunk(spec: ClientSpec, accum, state, chunk, local, key):
+    """This device's K/D clients of a chunk: whole client updates, partial sums, psum."""
+    rkey = sampling.round_key(key, state.round)
+    ids = {"client_ids": chunk["client_ids"], "num_examples": chunk["num_examples"]}
+
+    def one(c, local_c):
+        return _client_update(spec, state.variables, local_c, c, rkey)
+
+    return _accumulate(spec, accum, (ids, chunk, local), lambda _ids, c, loc: one(c, loc))
+
+
+def _clients_sharded(spec: ClientSpec, fn, in_specs, out_specs):
+    """shard_map of a per-device function over the 'clients' mesh axis."""
+    return jax.shard_map(functools.partial(fn, spec), mesh=spec.mesh, in_specs=in_specs,
+                         out_specs=out_specs, check_vma=False)
+
+
+_C = P(mesh_lib.CLIENTS)
 
 
 @functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("accum",))
@@ -254,10 +320,91 @@ def client_chunk(accum, state, chunk, local, key, *, spec: ClientSpec):
     'tail_mask' [K, E, T, ...]) sharded over 'clients'; local: the clients' LOCAL subtrees [K, ...].
     Returns (accum, (new_local [K, ...], metric sums {k: [K]}, finite [K])).
     """
-    fn = jax.shard_map(functools.partial(_device_chunk, spec), mesh=spec.mesh,
-                       in_specs=(P(), P(), P(mesh_lib.CLIENTS), P(mesh_lib.CLIENTS), P()),
-                       out_specs=(P(), P(mesh_lib.CLIENTS)), check_vma=False)
+    fn = _clients_sharded(spec, _device_chunk, (P(), P(), _C, _C, P()), (P(), _C))
     return fn(accum, state, chunk, local, key)
+
+
+# Segmented rounds (RoundBackend.steps_per_call): a chunk's local steps in several calls.
+
+def _device_begin(spec: ClientSpec, state, clients, local, key):
+    rkey = sampling.round_key(key, state.round)
+    _, out = _over_clients(
+        spec, lambda c, loc: _client_begin(spec, state.variables, loc, c, rkey), None,
+        (clients, local))
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def client_begin(state, clients, local, key, *, spec: ClientSpec):
+    """Segmented rounds: each client's initial method state and step key, [K, ...] over
+    'clients'. clients: {'client_ids', 'num_examples'} [K]; local: LOCAL subtrees [K, ...]."""
+    return _clients_sharded(spec, _device_begin, (P(), _C, _C, P()), _C)(state, clients, local,
+                                                                          key)
+
+
+def _device_steps(spec: ClientSpec, carry, segment):
+    def one(c, seg):
+        state, step_key = c
+        state, metrics = _scan(_step_body(spec, step_key), state,
+                               (seg["data"], seg["mask"], seg["step"]), spec.backend.step_unroll)
+        return (state, step_key), jax.tree.map(lambda v: v.sum(0), metrics)
+
+    _, out = _over_clients(spec, one, None, (carry, segment))
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("carry",))
+def client_steps(carry, segment, *, spec: ClientSpec):
+    """Segmented rounds: L local steps of every client of a chunk; `carry` (from client_begin or
+    the previous call) is donated. segment: {'data': {k: [K, L, B, ...]}, 'mask': [K, L, B],
+    'step': [K, L] int32 step indices (the keys of the one-call layout)}.
+    Returns (carry, metric sums of these steps {k: [K]})."""
+    return _clients_sharded(spec, _device_steps, (_C, _C), (_C, _C))(carry, segment)
+
+
+def _device_end(spec: ClientSpec, accum, state, carry, clients, metrics):
+    def one(_ids, c, m):
+        return _client_finish(spec, state.variables, c[0], m)
+
+    return _accumulate(spec, accum, (clients, carry, metrics), one)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("accum",))
+def client_end(accum, state, carry, clients, metrics, *, spec: ClientSpec):
+    """Segmented rounds: the clients' deltas from their final states, added into `accum` as
+    client_chunk does. Returns what client_chunk returns."""
+    fn = _clients_sharded(spec, _device_end, (P(), P(), _C, _C, _C), (P(), _C))
+    return fn(accum, state, carry, clients, metrics)
+
+
+def segments(packed, steps_per_call: int):
+    """The step segments of a materialized chunk, in training order: dicts of host arrays
+    {'data', 'mask', 'step'} with at most `steps_per_call` steps each ([K, L, ...]).
+
+    Default layout: S steps cut into runs of L. Tail layout: per epoch its full steps in runs of
+    L, then its tail step alone. Step indices are those the one-call round folds into keys.
+    """
+    L = steps_per_call
+    k = packed.mask.shape[0]
+    if packed.tail_mask is None:
+        total = packed.mask.shape[1]
+        for s in range(0, total, L):
+            e = min(s + L, total)
+            yield {"data": {n: x[:, s:e] for n, x in packed.data.items()},
+                   "mask": packed.mask[:, s:e],
+                   "step": np.broadcast_to(np.arange(s, e, dtype=np.int32), (k, e - s))}
+        return
+    epochs, full, batch = packed.mask.shape[1:4]
+    spe = steps_per_epoch(packed.num_examples.astype(np.int64), batch)[:, None]
+    for ep in range(epochs):
+        for s in range(0, full, L):
+            e = min(s + L, full)
+            yield {"data": {n: x[:, ep, s:e] for n, x in packed.data.items()},
+                   "mask": packed.mask[:, ep, s:e],
+                   "step": (ep * spe + np.arange(s, e)).astype(np.int32)}
+        yield {"data": {n: x[:, ep, None] for n, x in packed.tail_data.items()},
+               "mask": packed.tail_mask[:, ep, None],
+               "step": (ep * spe + spe - 1).astype(np.int32)}
 
 
 @functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("state",))
@@ -390,8 +537,11 @@ class FederatedEngine:
                      "num_examples": packed.num_examples.astype(np.int32)}
             if packed.tail_mask is not None:
                 chunk.update(tail_data=packed.tail_data, tail_mask=packed.tail_mask)
-            chunk, local = mesh_lib.shard_clients((chunk, local), self.mesh, k)
-            accum, out = client_chunk(accum, state, chunk, local, key, spec=self.spec)
+            if self.spec.backend.steps_per_call:
+                accum, out = self._segmented_chunk(accum, state, packed, chunk, local, key)
+            else:
+                chunk, local = mesh_lib.shard_clients((chunk, local), self.mesh, k)
+                accum, out = client_chunk(accum, state, chunk, local, key, spec=self.spec)
             outputs.append(out)
         state, ok = server_update(state, accum, spec=self.server_spec)
         result = self._report(plan, outputs, bool(mesh_lib.to_host(ok)))
@@ -402,6 +552,19 @@ class FederatedEngine:
                 raise NonFiniteClientError(result.nonfinite_client_ids, state, result)
             raise ValueError("round failed: the total client weight is zero")
         return state, result
+
+    def _segmented_chunk(self, accum, state, packed, chunk, local, key):
+        """One chunk as client_begin, client_steps per segment of steps, client_end."""
+        k = self.packing.clients_per_call
+        clients = {n: chunk[n] for n in ("client_ids", "num_examples")}
+        clients, local = mesh_lib.shard_clients((clients, local), self.mesh, k)
+        carry = client_begin(state, clients, local, key, spec=self.spec)
+        metrics = None
+        for segment in segments(packed, self.spec.backend.steps_per_call):
+            segment = mesh_lib.shard_clients(segment, self.mesh, k)
+            carry, m = client_steps(carry, segment, spec=self.spec)
+            metrics = m if metrics is None else jax.tree.map(jnp.add, metrics, m)
+        return client_end(accum, state, carry, clients, metrics, spec=self.spec)
 
     def _report(self, plan, outputs, ok) -> RoundResult:
         ids = np.concatenate([c.client_ids for c in plan.chunks])

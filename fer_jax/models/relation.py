@@ -55,8 +55,11 @@ class RelationModule(nn.Module):
 
     def setup(self):
         layers.check_choice(self.norm, NORMS, name="norm")
-        self.conv1 = nn.Conv(self.features, (3, 3), padding="SAME")
-        self.conv2 = nn.Conv(self.features, (3, 3), padding="SAME")
+        # A bias before GroupNorm is cancelled by it: its gradient is zero up to float noise,
+        # which Adam would scale into full-size steps. The convs carry one only without a norm.
+        bias = self.norm == "none"
+        self.conv1 = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=bias)
+        self.conv2 = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=bias)
         if self.norm == "group":
             groups = math.gcd(layers.GROUPS, self.features)
             self.norm1 = nn.GroupNorm(num_groups=groups)
@@ -82,7 +85,7 @@ class RelationModule(nn.Module):
         if self.is_initializing():  # Create conv1's parameters with their pair-input shape.
             self.conv1(pair_maps(class_maps[:1], query_maps[:1]))
         kernel = self.conv1.variables["params"]["kernel"]
-        bias = self.conv1.variables["params"]["bias"]
+        bias = self.conv1.variables["params"].get("bias", 0.0)
         c = class_maps.shape[-1]
         conv = lambda x, k: jax.lax.conv_general_dilated(
             x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
