@@ -8,7 +8,9 @@ compiles), client updates/s, useful examples/s, padding
 efficiency, peak RSS, and the ratio of useful examples/s to a centralized jitted training loop
 of the same model, batch size and examples. --backends compares sequential / chunked / vmap
 client layouts; --tails compares tail batches (PackingConfig.tail_multiple, 0 = each epoch's last
-batch padded to 16 rows); --scaling compares peak RSS for populations of 1,000 and 100,000 clients.
+batch padded to 16 rows); --steps_per_call compares segmented rounds (RoundBackend.steps_per_call,
+0 = all of a client's steps in one call); --scaling compares peak RSS for populations of 1,000
+and 100,000 clients.
 Every configuration runs in its own subprocess so compile time and peak RSS are its own.
 
   python benchmarks/federated_throughput.py                  # full table (long on 2 cores)
@@ -77,7 +79,8 @@ def build_model(name):
     raise ValueError(f"unknown model {name!r}")
 
 
-def run_one(model_name, dist, cohort, backend_name, population_size, repeats, tail=0):
+def run_one(model_name, dist, cohort, backend_name, population_size, repeats, tail=0,
+            steps_per_call=0):
     """One configuration in this process; returns a dict of measurements."""
     import jax
     import jax.numpy as jnp
@@ -98,7 +101,7 @@ def run_one(model_name, dist, cohort, backend_name, population_size, repeats, ta
         method, packing=fl.PackingConfig(batch_size=BATCH, step_buckets=tuple(
             range(1, max_steps + 1)), clients_per_call=k, tail_multiple=tail),
         backend=fl.RoundBackend(vmap_width=vmap, step_unroll=b["step_unroll"],
-                                group_unroll=b["group_unroll"]),
+                                group_unroll=b["group_unroll"], steps_per_call=steps_per_call),
         mesh=fl.clients_mesh(jax.devices()[:1]))
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 48, 48, 1), jnp.uint8),
                            train=False)
@@ -164,6 +167,7 @@ def run_one(model_name, dist, cohort, backend_name, population_size, repeats, ta
     return {
         "model": model_name, "model_desc": model_desc, "sizes": dist, "cohort": cohort,
         "backend": backend_name, "clients_per_call": k, "vmap_width": vmap, "tail_multiple": tail,
+        "steps_per_call": steps_per_call,
         "population": population_size, "rounds_timed": repeats,
         "s_per_round": med, "round_times": times, "compile_s": compile_s,
         "compiled_shapes": len(shapes),
@@ -222,19 +226,21 @@ def spawn(args_list):
 
 
 def config_key(r):
-    """What identifies a configuration: model, sizes, cohort, backend, population, tail."""
+    """What identifies a configuration: model, sizes, cohort, backend, population, tail,
+    steps per call."""
     if "config" in r:  # a failed run
-        cfg = list(r["config"])
-        return cfg[:5] + [cfg[6] if len(cfg) > 6 else 0]
+        cfg = list(r["config"]) + [0, 0]
+        return cfg[:5] + cfg[6:8]
     return [r.get("model"), r.get("sizes"), r.get("cohort"), r.get("backend"),
-            r.get("population"), r.get("tail_multiple", 0)]
+            r.get("population"), r.get("tail_multiple", 0), r.get("steps_per_call", 0)]
 
 
 def row(r):
     if "error" in r:
         return f"{r['config']}: ERROR"
     return (f"{r['model']:4s} {r['sizes']:9s} {r['cohort']:5d} {r['backend']:12s} "
-            f"{r['population']:7d} {r.get('tail_multiple', 0):4d} {r['s_per_round']:8.3f} "
+            f"{r['population']:7d} {r.get('tail_multiple', 0):4d} "
+            f"{r.get('steps_per_call', 0):3d} {r['s_per_round']:8.3f} "
             f"{r['compile_s']:7.1f} "
             f"{r['client_updates_per_s']:8.1f} {r['useful_examples_per_s']:8.0f} "
             f"{r['padding_efficiency']:5.2f} {r['peak_rss_mb']:7.0f} "
@@ -252,6 +258,8 @@ def main():
     ap.add_argument("--population", type=int, default=100_000)
     ap.add_argument("--tails", default="0,4",
                     help="PackingConfig.tail_multiple values to compare (0 = full last batches)")
+    ap.add_argument("--steps_per_call", default="0",
+                    help="RoundBackend.steps_per_call values to compare (0 = one call per chunk)")
     ap.add_argument("--backends", action="store_true", help="compare client layouts at C=32")
     ap.add_argument("--scaling", action="store_true", help="peak RSS vs population size")
     ap.add_argument("--batch_curve", action="store_true",
@@ -272,15 +280,16 @@ def main():
     repeats = 3 if args.quick else args.repeats
     configs = []
     if not args.no_main:
-        configs += [[m, d, c, AUTO[m], args.population, repeats, int(t)]
+        configs += [[m, d, c, AUTO[m], args.population, repeats, int(t), int(L)]
                     for m in args.models.split(",") for d in args.dists.split(",")
-                    for c in cohorts for t in args.tails.split(",")]
+                    for c in cohorts for t in args.tails.split(",")
+                    for L in args.steps_per_call.split(",")]
     if args.backends:
         configs += [[m, "uniform", 32, b, args.population, repeats]
                     for m in args.models.split(",") for b in BACKENDS]
     if args.scaling:
         configs += [["mlp", "uniform", 100, AUTO["mlp"], n, repeats] for n in (1_000, 100_000)]
-    print("model sizes     C     backend      populat tail  s/round compile upd/s    ex/s     "
+    print("model sizes     C     backend      populat tail spc  s/round compile upd/s    ex/s     "
           "eff   RSS_MB  central  ratio", flush=True)
     results = []
     previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": []}
