@@ -23,7 +23,8 @@ def assert_trees_close(a, b, atol=1e-5):
         np.testing.assert_allclose(a[k], b[k], atol=atol, rtol=1e-5, err_msg=k)
 
 
-@pytest.mark.parametrize("steps,width,devices", [(2, 1, 1), (1, 2, 1), (4, 1, 8)])
+@pytest.mark.parametrize("steps,width,devices", [
+    (2, 1, 1), (1, 2, 1), pytest.param(4, 1, 8, marks=pytest.mark.slow)])
 def test_segmented_round_matches_numpy_fedavg(steps, width, devices):
     clients, population = make_population()
     mesh = fl.clients_mesh(jax.devices()[:devices])
@@ -42,7 +43,7 @@ def test_segmented_round_matches_numpy_fedavg(steps, width, devices):
     assert result.client_updates == sum(n > 0 for n in SIZES)
 
 
-@pytest.mark.parametrize("width", [1, 2])
+@pytest.mark.parametrize("width", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_segmented_tail_layout_equals_one_call(width):
     """Shuffled examples, two epochs, client momentum, tail steps: same state and metrics."""
     _, population = make_population(2)
