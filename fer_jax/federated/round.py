@@ -10,6 +10,9 @@ groups of `vmap_width` computed together by vmap; groups follow each other in a 
 (unroll it for convolutional models on CPU: rolled loops around convolution weight
 gradients are ~100x slower on XLA:CPU, see PERF_NOTES.md); each client's local steps are a
 lax.scan. The device partial sums are psum'ed over the axis (an all-reduce, across hosts too).
+With RoundBackend.steps_per_call = L > 0 a chunk is client_begin, then client_steps per run of at
+most L local steps (client states carried on device), then client_end: the same round in
+programs whose size no longer grows with a client's number of steps.
 Padding: padded examples are masked in the method's loss; steps whose mask is all False are
 skipped (state kept); padding clients and empty clients have weight 0. A client whose delta or
 metrics are not finite gets weight 0; with on_nonfinite='raise' the server state is kept as it
@@ -296,10 +299,10 @@ def _device_chunk(spec: ClientSpec, accum, state, chunk, local, key):
     rkey = sampling.round_key(key, state.round)
     ids = {"client_ids": chunk["client_ids"], "num_examples": chunk["num_examples"]}
 
-    def one(c, local_c):
+    def one(_ids, c, local_c):
         return _client_update(spec, state.variables, local_c, c, rkey)
 
-    return _accumulate(spec, accum, (ids, chunk, local), lambda _ids, c, loc: one(c, loc))
+    return _accumulate(spec, accum, (ids, chunk, local), one)
 
 
 def _clients_sharded(spec: ClientSpec, fn, in_specs, out_specs):
