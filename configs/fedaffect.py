@@ -141,7 +141,8 @@ def get_config(arg=None):
         few.episodes_per_round = 16
         fed.rounds = 20
         # ~5,200 unlabeled images per client = 81 SimCLR steps of 64: unrolled in one program
-        # they do not compile on CPU (17 GB after 11 min); 8 steps per call compile in seconds.
+        # they did not compile on CPU (17 GB after 11 min); with 8 steps per call round 1,
+        # compilation included, took 185 s at 2.3 GB RSS (WORKSPACE.md section 11).
         fed.steps_per_call = 8
     if arg.paper:
         rep.batch_size, rep.local_epochs = 128, 2

@@ -143,8 +143,8 @@ def test_evaluate_spreads_episodes_over_usable_clients(make_config, protocol):
     and counted; the other clients still give >= eval_episodes episodes in total."""
     config = make_config("fedaffect", "runlocal", **{"fedaffect.eval_protocol": protocol,
                                                      "fedaffect.eval_episodes": 30})
-    _, few_model = fedaffect.build_models(config, 3)
-    _, few_vars = fedaffect.init_variables(config, *fedaffect.build_models(config, 3), 3)
+    rep_model, few_model = fedaffect.build_models(config, 3)
+    _, few_vars = fedaffect.init_variables(config, rep_model, few_model, 3)
     rng = np.random.default_rng(0)
     shape = (config.data.image_size, config.data.image_size, config.data.channels)
 
