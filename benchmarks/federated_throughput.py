@@ -6,7 +6,10 @@ clients) it measures seconds per round (median of --repeats rounds after one war
 compile time (a first round over one client of every chunk shape, so that no timed round
 compiles), client updates/s, useful examples/s, padding
 efficiency, peak RSS, and the ratio of useful examples/s to a centralized jitted training loop
-of the same model, batch size and examples. --backends compares sequential / chunked / vmap
+of the same model, batch size and examples (timed after each round, A B A B). --devices puts the
+'clients' mesh axis over that many host devices (on a 2-core CPU, 2 devices = one client per
+core); the ratio is then also reported against a data-parallel centralized loop over the same
+devices (ratio_vs_central_dp). --backends compares sequential / chunked / vmap
 client layouts; --tails compares tail batches (PackingConfig.tail_multiple, 0 = each epoch's last
 batch padded to 16 rows); --steps_per_call compares segmented rounds (RoundBackend.steps_per_call,
 0 = all of a client's steps in one call); --scaling compares peak RSS for populations of 1,000
@@ -37,10 +40,11 @@ BATCH = 16
 BACKENDS = {
     "sequential": dict(k=1, vmap=1, step_unroll=True, group_unroll=True),
     "chunked": dict(k=4, vmap=1, step_unroll=True, group_unroll=True),
+    "chunked16": dict(k=16, vmap=1, step_unroll=True, group_unroll=True),
     "vmap": dict(k=None, vmap=None, step_unroll=True, group_unroll=True),
     "chunked_vmap": dict(k=16, vmap=16, step_unroll=True, group_unroll=True),
 }
-AUTO = {"cnn": "sequential", "mlp": "sequential"}
+AUTO = {"cnn": "sequential", "mlp": "chunked"}
 
 
 def build_model(name):
@@ -80,9 +84,15 @@ def build_model(name):
 
 
 def run_one(model_name, dist, cohort, backend_name, population_size, repeats, tail=0,
-            steps_per_call=0):
-    """One configuration in this process; returns a dict of measurements."""
+            steps_per_call=0, devices=1):
+    """One configuration in this process; returns a dict of measurements.
+
+    devices > 1: the 'clients' mesh axis spans that many host devices (jax_num_cpu_devices, as
+    `python -m fer_jax.main --cpu_devices`), each computing its share of every chunk."""
     import jax
+
+    if devices > 1:
+        jax.config.update("jax_num_cpu_devices", devices)
     import jax.numpy as jnp
     import numpy as np
     import optax
@@ -92,7 +102,7 @@ def run_one(model_name, dist, cohort, backend_name, population_size, repeats, ta
     model, model_desc = build_model(model_name)
     population = fl.SyntheticPopulation(population_size, seed=0, **SIZES[dist])
     b = BACKENDS[backend_name]
-    k = b["k"] or cohort
+    k = (b["k"] or cohort) * devices
     vmap = b["vmap"] or cohort
     loss_fn = fl.classifier_loss(model.apply)
     method = fl.SupervisedClient(loss_fn, optax.sgd(0.05))
@@ -102,7 +112,7 @@ def run_one(model_name, dist, cohort, backend_name, population_size, repeats, ta
             range(1, max_steps + 1)), clients_per_call=k, tail_multiple=tail),
         backend=fl.RoundBackend(vmap_width=vmap, step_unroll=b["step_unroll"],
                                 group_unroll=b["group_unroll"], steps_per_call=steps_per_call),
-        mesh=fl.clients_mesh(jax.devices()[:1]))
+        mesh=fl.clients_mesh(jax.devices()[:devices]))
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 48, 48, 1), jnp.uint8),
                            train=False)
     state = engine.init(variables)
@@ -110,16 +120,28 @@ def run_one(model_name, dist, cohort, backend_name, population_size, repeats, ta
     key = jax.random.PRNGKey(0)
     # Compile round: one client of every chunk shape (step bucket x tail width) among the first
     # 5,000 clients, so that no timed round compiles a shape its cohort happens to meet first.
+    # A chunk's tail is its widest client's: compile with that client.
     probe = np.arange(min(population_size, 5000))
     shapes = {}
     for chunk in engine.plan(population, probe).chunks:
-        shapes.setdefault((chunk.steps, chunk.tail), int(chunk.client_ids[0]))
+        real = chunk.client_ids >= 0
+        own_tail = (fl.packing.tail_widths(chunk.num_examples[real], engine.packing)[1]
+                    if tail else np.zeros(real.sum()))
+        shapes.setdefault((chunk.steps, chunk.tail),
+                          int(chunk.client_ids[real][np.argmax(own_tail)]))
     t0 = time.perf_counter()
     state, _ = engine.run_round(state, population, engine.plan(population, list(shapes.values())),
                                 key)
     jax.block_until_ready(state)
     compile_s = time.perf_counter() - t0
-    times, effs, updates, useful = [], [], [], []
+    # Centralized baselines, timed in turn with the rounds (A B A B: the VM's speed drifts): the
+    # warm-up cohort's examples in batches of 16, one jitted step each; with devices > 1 also a
+    # data-parallel loop (each device 16 / devices of every batch, gradients averaged).
+    central = Centralized(loss_fn, variables, engine.plan(population, sampler.sample(0, 0)),
+                          population, key, devices=1)
+    central_dp = (Centralized(loss_fn, variables, engine.plan(population, sampler.sample(0, 0)),
+                              population, key, devices=devices) if devices > 1 else None)
+    times, effs, updates, useful, c_times, dp_times = [], [], [], [], [], []
     for r in range(repeats + 1):
         plan = engine.plan(population, sampler.sample(0, r))
         t0 = time.perf_counter()
@@ -129,45 +151,21 @@ def run_one(model_name, dist, cohort, backend_name, population_size, repeats, ta
         effs.append(result.padding_efficiency)
         updates.append(result.client_updates)
         useful.append(result.useful_examples)
+        if r:
+            c_times.append(central.epoch())
+            if central_dp is not None:
+                dp_times.append(central_dp.epoch())
     med = float(np.median(times[1:]))
     fed_rate = float(np.mean(useful[1:])) / med
-
-    # Centralized baseline: the last cohort's examples, batches of 16, one jitted step each.
-    ids = plan.client_ids
-    sizes = population.sizes(ids)
-    index = np.where(np.arange(sizes.max())[None] < sizes[:, None], np.arange(sizes.max()), -1)
-    data = population.gather(ids, index)
-    valid = index >= 0
-    images, labels = data["image"][valid], data["label"][valid]
-    n = len(labels) // BATCH * BATCH
-    opt = optax.sgd(0.05)
-    params, model_state = variables["params"], {k_: v for k_, v in variables.items()
-                                                 if k_ != "params"}
-
-    def step(carry, batch, dkey):
-        params, model_state, opt_state = carry
-        (_, (model_state, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, model_state, batch, jnp.ones(BATCH, bool), dkey)
-        upd, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, upd), model_state, opt_state
-
-    step = jax.jit(step, donate_argnums=0)
-    carry = (params, model_state, opt.init(params))
-    batches = [{"image": images[i:i + BATCH], "label": labels[i:i + BATCH]}
-               for i in range(0, n, BATCH)]
-    carry = step(carry, batches[0], key)  # compile
-    central = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for i, batch in enumerate(batches):
-            carry = step(carry, batch, jax.random.fold_in(key, i))
-        jax.block_until_ready(carry)
-        central.append(time.perf_counter() - t0)
-    central_rate = n / float(np.median(central))
+    central_rate = central.examples / float(np.median(c_times))
+    dp = {}
+    if central_dp is not None:
+        dp_rate = central_dp.examples / float(np.median(dp_times))
+        dp = {"central_dp_examples_per_s": dp_rate, "ratio_vs_central_dp": fed_rate / dp_rate}
     return {
         "model": model_name, "model_desc": model_desc, "sizes": dist, "cohort": cohort,
         "backend": backend_name, "clients_per_call": k, "vmap_width": vmap, "tail_multiple": tail,
-        "steps_per_call": steps_per_call,
+        "steps_per_call": steps_per_call, "devices": devices,
         "population": population_size, "rounds_timed": repeats,
         "s_per_round": med, "round_times": times, "compile_s": compile_s,
         "compiled_shapes": len(shapes),
@@ -175,7 +173,77 @@ def run_one(model_name, dist, cohort, backend_name, population_size, repeats, ta
         "useful_examples_per_s": fed_rate, "padding_efficiency": float(np.mean(effs[1:])),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "central_examples_per_s": central_rate, "ratio_vs_central": fed_rate / central_rate,
+        "central_times": c_times, **dp,
     }
+
+
+class Centralized:
+    """A centralized jitted SGD loop over a cohort's examples in batches of BATCH.
+
+    devices > 1: data parallel over that many devices (shard_map; each takes BATCH / devices
+    rows of every batch, gradients pmean'ed: the same update as one device's batch of BATCH).
+    """
+
+    def __init__(self, loss_fn, variables, plan, population, key, devices=1):
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+        import optax
+        from jax.sharding import Mesh, NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        ids = plan.client_ids[plan.client_ids >= 0]
+        sizes = population.sizes(ids)
+        index = np.where(np.arange(sizes.max())[None] < sizes[:, None], np.arange(sizes.max()),
+                         -1)
+        data = population.gather(ids, index)
+        valid = index >= 0
+        images, labels = data["image"][valid], data["label"][valid]
+        self.examples = n = len(labels) // BATCH * BATCH
+        opt = optax.sgd(0.05)
+        # Copies: the step donates its carry, the caller's variables must survive.
+        params = jax.tree.map(jnp.array, variables["params"])
+        model_state = jax.tree.map(jnp.array, {k: v for k, v in variables.items()
+                                               if k != "params"})
+        per = BATCH // devices
+
+        def step(carry, batch, dkey):
+            params, model_state, opt_state = carry
+            if devices > 1:
+                dkey = jax.random.fold_in(dkey, jax.lax.axis_index("batch"))
+            (_, (model_state, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                params, model_state, batch, jnp.ones(per, bool), dkey)
+            if devices > 1:
+                grads = jax.lax.pmean(grads, "batch")
+            upd, opt_state = opt.update(grads, opt_state, params)
+            return optax.apply_updates(params, upd), model_state, opt_state
+
+        batches = [{"image": images[i:i + BATCH], "label": labels[i:i + BATCH]}
+                   for i in range(0, n, BATCH)]
+        carry = (params, model_state, opt.init(params))
+        if devices > 1:
+            mesh = Mesh(np.asarray(jax.devices()[:devices]), ("batch",))
+            step = jax.shard_map(step, mesh=mesh, in_specs=(P(), P("batch"), P()),
+                                 out_specs=P(), check_vma=False)
+            rows = NamedSharding(mesh, P("batch"))
+            batches = [jax.device_put(b, rows) for b in batches]
+            carry = jax.device_put(carry, NamedSharding(mesh, P()))
+        self._step = jax.jit(step, donate_argnums=0)
+        self._batches, self._key = batches, key
+        self._carry = self._step(carry, batches[0], key)  # compile
+        jax.block_until_ready(self._carry)
+
+    def epoch(self) -> float:
+        """Seconds for one pass over the examples."""
+        import jax
+
+        t0 = time.perf_counter()
+        carry = self._carry
+        for i, batch in enumerate(self._batches):
+            carry = self._step(carry, batch, jax.random.fold_in(self._key, i))
+        jax.block_until_ready(carry)
+        self._carry = carry
+        return time.perf_counter() - t0
 
 
 def batch_curve(model_name, batches=(4, 8, 12, 16), steps=60):
@@ -227,12 +295,13 @@ def spawn(args_list):
 
 def config_key(r):
     """What identifies a configuration: model, sizes, cohort, backend, population, tail,
-    steps per call."""
+    steps per call, devices."""
     if "config" in r:  # a failed run
-        cfg = list(r["config"]) + [0, 0]
-        return cfg[:5] + cfg[6:8]
+        cfg = list(r["config"]) + [0, 0, 1][len(r["config"]) - 6:]
+        return cfg[:5] + cfg[6:9]
     return [r.get("model"), r.get("sizes"), r.get("cohort"), r.get("backend"),
-            r.get("population"), r.get("tail_multiple", 0), r.get("steps_per_call", 0)]
+            r.get("population"), r.get("tail_multiple", 0), r.get("steps_per_call", 0),
+            r.get("devices", 1)]
 
 
 def row(r):
@@ -240,11 +309,13 @@ def row(r):
         return f"{r['config']}: ERROR"
     return (f"{r['model']:4s} {r['sizes']:9s} {r['cohort']:5d} {r['backend']:12s} "
             f"{r['population']:7d} {r.get('tail_multiple', 0):4d} "
-            f"{r.get('steps_per_call', 0):3d} {r['s_per_round']:8.3f} "
+            f"{r.get('steps_per_call', 0):3d} {r.get('devices', 1):3d} {r['s_per_round']:8.3f} "
             f"{r['compile_s']:7.1f} "
             f"{r['client_updates_per_s']:8.1f} {r['useful_examples_per_s']:8.0f} "
             f"{r['padding_efficiency']:5.2f} {r['peak_rss_mb']:7.0f} "
-            f"{r['central_examples_per_s']:8.0f} {r['ratio_vs_central']:5.2f}")
+            f"{r['central_examples_per_s']:8.0f} {r['ratio_vs_central']:5.2f}"
+            + (f"  dp {r['central_dp_examples_per_s']:5.0f} {r['ratio_vs_central_dp']:5.2f}"
+               if "central_dp_examples_per_s" in r else ""))
 
 
 def main():
@@ -256,10 +327,12 @@ def main():
     ap.add_argument("--dists", default="uniform,lognormal")
     ap.add_argument("--cohorts", default="10,100,1000")
     ap.add_argument("--population", type=int, default=100_000)
-    ap.add_argument("--tails", default="0,4",
+    ap.add_argument("--tails", default="4",
                     help="PackingConfig.tail_multiple values to compare (0 = full last batches)")
     ap.add_argument("--steps_per_call", default="0",
                     help="RoundBackend.steps_per_call values to compare (0 = one call per chunk)")
+    ap.add_argument("--devices", default="1,2",
+                    help="host devices on the 'clients' mesh axis to compare (1 = one device)")
     ap.add_argument("--backends", action="store_true", help="compare client layouts at C=32")
     ap.add_argument("--scaling", action="store_true", help="peak RSS vs population size")
     ap.add_argument("--batch_curve", action="store_true",
@@ -280,17 +353,17 @@ def main():
     repeats = 3 if args.quick else args.repeats
     configs = []
     if not args.no_main:
-        configs += [[m, d, c, AUTO[m], args.population, repeats, int(t), int(L)]
+        configs += [[m, d, c, AUTO[m], args.population, repeats, int(t), int(L), int(n)]
                     for m in args.models.split(",") for d in args.dists.split(",")
                     for c in cohorts for t in args.tails.split(",")
-                    for L in args.steps_per_call.split(",")]
+                    for L in args.steps_per_call.split(",") for n in args.devices.split(",")]
     if args.backends:
         configs += [[m, "uniform", 32, b, args.population, repeats]
                     for m in args.models.split(",") for b in BACKENDS]
     if args.scaling:
         configs += [["mlp", "uniform", 100, AUTO["mlp"], n, repeats] for n in (1_000, 100_000)]
-    print("model sizes     C     backend      populat tail spc  s/round compile upd/s    ex/s     "
-          "eff   RSS_MB  central  ratio", flush=True)
+    print("model sizes     C     backend      populat tail spc dev  s/round compile upd/s    "
+          "ex/s     eff   RSS_MB  central  ratio", flush=True)
     results = []
     previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": []}
     for cfg in configs:

@@ -22,6 +22,12 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "Call jax.distributed.initialize() (TPU pods, multi-process GPU/CPU clusters); on Cloud TPU "
     "the coordinator is discovered automatically, elsewhere set JAX_COORDINATOR_ADDRESS, "
     "JAX_NUM_PROCESSES and JAX_PROCESS_ID.")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", 0,
+    "> 0: split the host CPU into this many JAX devices (jax_num_cpu_devices) before the backend "
+    "starts, so the 'clients' mesh axis runs one client per device. On a CPU-only machine, one "
+    "device per core beat one device with intra-op threads by 1.2-1.3x on 2 cores (WORKSPACE.md, "
+    "'Federated engine'). Leaves GPU/TPU devices alone (it only adds CPU devices).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -54,9 +60,14 @@ def main(argv) -> None:
     experiment = experiments.get(config.get("experiment", ""))
     # Every check of names and values happens here, before data, models or devices are touched.
     experiment.validate_config(config)
+    import jax
+
+    if _CPU_DEVICES.value < 0:
+        raise app.UsageError(f"--cpu_devices must be >= 0, got {_CPU_DEVICES.value}")
+    if _CPU_DEVICES.value:
+        jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
     if _DISTRIBUTED.value:
         _initialize_distributed()
-    import jax
 
     logging.info("JAX %s: process %d of %d, %d local / %d global devices", jax.__version__,
                  jax.process_index(), jax.process_count(), jax.local_device_count(),

@@ -206,8 +206,12 @@ def test_tail_layout_equals_default_layout(backend):
                                         client_optimizer=optax.sgd(LR, momentum=0.9))
         state = engine.init(variables)
         for r, cohort in enumerate(([0, 2, 3, 4], [6, 5, 3, 1])):
-            state, res = engine.run_round(state, population, engine.plan(population, cohort),
-                                          jax.random.PRNGKey(3), seed=r)
+            plan = engine.plan(population, cohort)
+            if g:  # Clients of 9 and 12 examples: one chunk, tails of 2 and 4 rows -> 4.
+                own = fl.packing.tail_widths(SIZES, engine.packing)[1]
+                assert any(len({own[i] for i in c.client_ids if i >= 0}) > 1
+                           for c in plan.chunks) == (r == 1)
+            state, res = engine.run_round(state, population, plan, jax.random.PRNGKey(3), seed=r)
         results.append((to_np(state.variables), res.totals))
     for k in results[0][0]:
         np.testing.assert_allclose(results[0][0][k], results[1][0][k], atol=1e-5, rtol=1e-5)

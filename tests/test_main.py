@@ -49,6 +49,22 @@ def test_bad_config_fails_before_any_work(tmp_path, args, message):
     assert not workdir.exists()  # Nothing was written.
 
 
+def test_cpu_devices_splits_the_host_for_the_clients_axis(tmp_path):
+    assert "--cpu_devices must be >= 0" in _main(tmp_path / "bad", "--cpu_devices=-1",
+                                                 "--config=configs/fedavg.py:runlocal").stderr
+    assert not (tmp_path / "bad").exists()
+    result = _main(tmp_path / "run", "--cpu_devices=2", "--config=configs/fedavg.py:runlocal",
+                   "--config.fed.rounds=1", "--config.fed.cohort_size=2",
+                   "--config.data.synthetic.num_subjects=4",
+                   "--config.data.synthetic.images_per_class=2",
+                   "--config.data.synthetic.test_subjects=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 local / 2 global devices" in result.stderr
+    # One client per device: the experiment rounds clients_per_call up to the device count.
+    assert "fed.clients_per_call 1 -> 2" in result.stderr
+    assert (tmp_path / "run" / "eval.json").is_file()
+
+
 def test_missing_data_dir_is_a_clear_error(tmp_path):
     result = _main(tmp_path / "run", "--config=configs/supervised.py:data=fer2013",
                    f"--config.data.manual_dir={tmp_path / 'nowhere'}")

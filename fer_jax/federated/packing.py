@@ -13,7 +13,9 @@ useful example slots / computed example slots.
 Tail batches (`tail_multiple` = g > 0): an epoch's last batch then gets its own step of
 ceil(r / g) * g rows instead of batch_size rows (r = examples left for it), so small clients do
 not compute a mostly-padded full batch. A chunk then holds clients with the same number of full
-steps per epoch (bucketed over {0} + step_buckets) and the same tail width; its layout is
+steps per epoch (bucketed over {0} + step_buckets) and a tail as wide as its widest client's
+(clients sorted by tail width within a bucket, so chunks mix widths only at the boundaries);
+its layout is
 `data` [K, E, S, B, ...] for the full steps and `tail_data` [K, E, T, ...] for the tail steps,
 which run after the full steps of their epoch. The batches (and the step keys) are exactly
 those of the default layout: only the padding differs, so the round's result is the same.
@@ -185,13 +187,17 @@ def _plan_with_tails(ids, sizes, config: PackingConfig) -> CohortPlan:
     k = config.clients_per_call
     chunks = []
     live = sizes > 0
-    for b, t in sorted(set(zip(bucket_of[live].tolist(), tail[live].tolist(), strict=True))):
-        members = np.flatnonzero((bucket_of == b) & (tail == t) & live)
+    for b in np.unique(bucket_of[live]):
+        # One bucket's clients by tail width, cut into chunks of k; a chunk's tail is its widest
+        # member's (narrower tails are masked). ceil(n_b / k) chunks per bucket, not one partly
+        # empty chunk per (bucket, tail width); the shapes are still those of single clients.
+        members = np.flatnonzero((bucket_of == b) & live)
+        members = members[np.argsort(tail[members], kind="stable")]
         for start in range(0, len(members), k):
             part = members[start:start + k]
             pad = k - len(part)
             chunks.append(ChunkPlan(
-                steps=int(buckets[b]), tail=int(t),
+                steps=int(buckets[b]), tail=int(tail[part].max()),
                 client_ids=np.concatenate([ids[part], np.full(pad, -1, np.int64)]),
                 num_examples=np.concatenate([sizes[part], np.zeros(pad, np.int64)])))
     return CohortPlan(tuple(chunks), ids, sizes, config.batch_size, config.local_epochs)

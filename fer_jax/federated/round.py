@@ -9,7 +9,8 @@ Inside a chunk, each device of the 'clients' mesh axis (shard_map) takes its K/D
 groups of `vmap_width` computed together by vmap; groups follow each other in a lax.scan
 (unroll it for convolutional models on CPU: rolled loops around convolution weight
 gradients are ~100x slower on XLA:CPU, see PERF_NOTES.md); each client's local steps are a
-lax.scan. The device partial sums are psum'ed over the axis (an all-reduce, across hosts too).
+lax.scan. Each device keeps its own partial sums across the round's chunks; server_update adds
+them up (one all-reduce per round, across hosts too).
 With RoundBackend.steps_per_call = L > 0 a chunk is client_begin, then client_steps per run of at
 most L local steps (client states carried on device), then client_end: the same round in
 programs whose size no longer grows with a client's number of steps.
@@ -60,7 +61,12 @@ class ServerState:
 
 @flax.struct.dataclass
 class Accumulator:
-    """Running sums of one round on device: sum_c w_c delta_c, sum_c w_c, #non-finite clients."""
+    """Running sums of one round: sum_c w_c delta_c, sum_c w_c, #non-finite clients.
+
+    Every leaf has a leading [devices] axis sharded over 'clients': each device adds its own
+    clients into its own row, chunk after chunk, with no collective; `server_update` sums the
+    rows (one all-reduce per round instead of one per chunk).
+    """
 
     delta_sum: Any
     weight_sum: jax.Array
@@ -270,7 +276,7 @@ def _over_clients(spec: ClientSpec, one, carry, xs, reduce=None):
 
 
 def _accumulate(spec: ClientSpec, accum, clients, finished):
-    """Adds this device's finished clients into `accum` (weighted deltas, psum over 'clients').
+    """Adds this device's finished clients into its row of `accum` ([1, ...] here).
 
     clients: {'client_ids', 'num_examples'} [n]; finished: (delta, new_local, metrics, finite)
     with a leading [n] axis. Returns (accum, (new_local, metrics, finite))."""
@@ -285,17 +291,15 @@ def _accumulate(spec: ClientSpec, accum, clients, finished):
                             carry.weight_sum + w_sum, carry.nonfinite + bad)
         return carry, (new_local, metrics, finite)
 
-    zero = Accumulator(jax.tree.map(jnp.zeros_like, accum.delta_sum), jnp.zeros((), jnp.float32),
-                       jnp.zeros((), jnp.int32))
-    part, outs = _over_clients(spec, finished, zero, clients, reduce)
-    total = jax.lax.psum(part, mesh_lib.CLIENTS)
-    accum = Accumulator(jax.tree.map(jnp.add, accum.delta_sum, total.delta_sum),
-                        accum.weight_sum + total.weight_sum, accum.nonfinite + total.nonfinite)
-    return accum, outs
+    mine = jax.tree.map(lambda x: x[0], accum)
+    # No psum here: a per-chunk all-reduce made XLA:CPU's in-process rendezvous time out (40 s)
+    # with 2 host devices and ~500 chunks in flight, and it costs an all-reduce per chunk on a pod.
+    mine, outs = _over_clients(spec, finished, mine, clients, reduce)
+    return jax.tree.map(lambda x: x[None], mine), outs
 
 
 def _device_chunk(spec: ClientSpec, accum, state, chunk, local, key):
-    """This device's K/D clients of a chunk: whole client updates, partial sums, psum."""
+    """This device's K/D clients of a chunk: whole client updates into its partial sums."""
     rkey = sampling.round_key(key, state.round)
     ids = {"client_ids": chunk["client_ids"], "num_examples": chunk["num_examples"]}
 
@@ -316,14 +320,14 @@ _C = P(mesh_lib.CLIENTS)
 
 @functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("accum",))
 def client_chunk(accum, state, chunk, local, key, *, spec: ClientSpec):
-    """Adds one chunk's weighted client deltas into `accum` (donated).
+    """Adds one chunk's weighted client deltas into `accum` (donated; each device its own row).
 
     chunk: {'data': {k: [K, S, B, ...]}, 'mask': [K, S, B], 'client_ids': [K],
     'num_examples': [K]} (with tail batches [K, E, S, B, ...] data and mask plus 'tail_data' /
     'tail_mask' [K, E, T, ...]) sharded over 'clients'; local: the clients' LOCAL subtrees [K, ...].
     Returns (accum, (new_local [K, ...], metric sums {k: [K]}, finite [K])).
     """
-    fn = _clients_sharded(spec, _device_chunk, (P(), P(), _C, _C, P()), (P(), _C))
+    fn = _clients_sharded(spec, _device_chunk, (_C, P(), _C, _C, P()), (_C, _C))
     return fn(accum, state, chunk, local, key)
 
 
@@ -376,7 +380,7 @@ def _device_end(spec: ClientSpec, accum, state, carry, clients, metrics):
 def client_end(accum, state, carry, clients, metrics, *, spec: ClientSpec):
     """Segmented rounds: the clients' deltas from their final states, added into `accum` as
     client_chunk does. Returns what client_chunk returns."""
-    fn = _clients_sharded(spec, _device_end, (P(), P(), _C, _C, _C), (P(), _C))
+    fn = _clients_sharded(spec, _device_end, (_C, P(), _C, _C, _C), (_C, _C))
     return fn(accum, state, carry, clients, metrics)
 
 
@@ -419,6 +423,7 @@ def server_update(state: ServerState, accum: Accumulator, *, spec: ServerSpec):
     """
     labels = partial.label_tree(state.variables, spec.param_filter)
     fed = partial.select(state.variables, labels, partial.FEDERATED)
+    accum = jax.tree.map(lambda x: x.sum(0), accum)  # the devices' rows: the round's one all-reduce
     ok = accum.weight_sum > 0
     if spec.on_nonfinite == "raise":
         ok &= accum.nonfinite == 0
@@ -524,9 +529,12 @@ class FederatedEngine:
         if has_local and local_store is None:
             raise ValueError("the parameter filter has LOCAL variables: pass a local_store")
         fed = partial.select(state.variables, labels, partial.FEDERATED)
-        accum = mesh_lib.replicate(Accumulator(
-            jax.tree.map(lambda x: np.zeros(x.shape, np.float32), fed), np.float32(0), np.int32(0)),
-            self.mesh)
+        devices = self.mesh.devices.size
+        mine = mesh_lib.process_rows(self.mesh, devices)
+        rows_here = mine.stop - mine.start
+        accum = mesh_lib.shard_clients(Accumulator(
+            jax.tree.map(lambda x: np.zeros((rows_here,) + x.shape, np.float32), fed),
+            np.zeros(rows_here, np.float32), np.zeros(rows_here, np.int32)), self.mesh, devices)
         key = mesh_lib.replicate(np.asarray(key), self.mesh)
         k = self.packing.clients_per_call
         rows = mesh_lib.process_rows(self.mesh, k)
