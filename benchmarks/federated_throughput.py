@@ -118,20 +118,19 @@ def run_one(model_name, dist, cohort, backend_name, population_size, repeats, ta
     state = engine.init(variables)
     sampler = fl.CohortSampler(population_size, cohort)
     key = jax.random.PRNGKey(0)
-    # Compile round: one client of every chunk shape (step bucket x tail width) among the first
-    # 5,000 clients, so that no timed round compiles a shape its cohort happens to meet first.
-    # A chunk's tail is its widest client's: compile with that client.
+    # Compile round: one chunk of every chunk shape (step bucket x tail width) among the first
+    # 5,000 clients' chunks, as planned (re-planning those clients would regroup them), so that
+    # no timed round compiles a shape its cohort happens to meet first.
     probe = np.arange(min(population_size, 5000))
     shapes = {}
     for chunk in engine.plan(population, probe).chunks:
-        real = chunk.client_ids >= 0
-        own_tail = (fl.packing.tail_widths(chunk.num_examples[real], engine.packing)[1]
-                    if tail else np.zeros(real.sum()))
-        shapes.setdefault((chunk.steps, chunk.tail),
-                          int(chunk.client_ids[real][np.argmax(own_tail)]))
+        shapes.setdefault((chunk.steps, chunk.tail), chunk)
+    chunks = tuple(shapes.values())
+    ids = np.concatenate([c.client_ids for c in chunks])
+    sizes = np.concatenate([c.num_examples for c in chunks])
+    compile_plan = fl.packing.CohortPlan(chunks, ids[ids >= 0], sizes[ids >= 0], BATCH, 1)
     t0 = time.perf_counter()
-    state, _ = engine.run_round(state, population, engine.plan(population, list(shapes.values())),
-                                key)
+    state, _ = engine.run_round(state, population, compile_plan, key)
     jax.block_until_ready(state)
     compile_s = time.perf_counter() - t0
     # Centralized baselines, timed in turn with the rounds (A B A B: the VM's speed drifts): the
