@@ -3,17 +3,18 @@
 For cohorts of 10, 100 and 1,000 clients (small CNN and an MLP on 48x48x1 inputs, batch 16, one
 local epoch, client sizes uniform or log-normal, a lazily generated population of 100,000
 clients) it measures seconds per round (median of --repeats rounds after one warm-up round),
-compile time (a first round over one client of every chunk shape, so that no timed round
-compiles), client updates/s, useful examples/s, padding
-efficiency, peak RSS, and the ratio of useful examples/s to a centralized jitted training loop
-of the same model, batch size and examples (timed after each round, A B A B). --devices puts the
-'clients' mesh axis over that many host devices (on a 2-core CPU, 2 devices = one client per
-core); the ratio is then also reported against a data-parallel centralized loop over the same
-devices (ratio_vs_central_dp). --backends compares sequential / chunked / vmap
-client layouts; --tails compares tail batches (PackingConfig.tail_multiple, 0 = each epoch's last
-batch padded to 16 rows); --steps_per_call compares segmented rounds (RoundBackend.steps_per_call,
-0 = all of a client's steps in one call); --scaling compares peak RSS for populations of 1,000
-and 100,000 clients.
+compile time (a first round over one planned chunk of every chunk shape, so that no timed
+round compiles), client updates/s, useful examples/s, padding efficiency, peak RSS, and the
+ratio of useful examples/s to a centralized jitted training loop of the same model, batch size
+and examples (timed after each round, A B A B).
+--devices (default 1,2) puts the 'clients' mesh axis over that many host devices (on a 2-core
+CPU, 2 devices = one client per core); the ratio is then also reported against a
+data-parallel centralized loop over the same devices (ratio_vs_central_dp).
+--tails (default 4) compares tail batches (PackingConfig.tail_multiple, 0 = each epoch's last
+batch padded to 16 rows); --steps_per_call compares segmented rounds
+(RoundBackend.steps_per_call, 0 = all of a client's steps in one call); --backends compares
+sequential / chunked / vmap client layouts; --scaling compares peak RSS for populations of
+1,000 and 100,000 clients.
 Every configuration runs in its own subprocess so compile time and peak RSS are its own.
 
   python benchmarks/federated_throughput.py                  # full table (long on 2 cores)
