@@ -137,10 +137,10 @@ def run_one(model_name, dist, cohort, backend_name, population_size, repeats, ta
     # Centralized baselines, timed in turn with the rounds (A B A B: the VM's speed drifts): the
     # warm-up cohort's examples in batches of 16, one jitted step each; with devices > 1 also a
     # data-parallel loop (each device 16 / devices of every batch, gradients averaged).
-    central = Centralized(loss_fn, variables, engine.plan(population, sampler.sample(0, 0)),
-                          population, key, devices=1)
-    central_dp = (Centralized(loss_fn, variables, engine.plan(population, sampler.sample(0, 0)),
-                              population, key, devices=devices) if devices > 1 else None)
+    images, labels = cohort_examples(population, sampler.sample(0, 0))
+    central = Centralized(loss_fn, variables, images, labels, key)
+    central_dp = (Centralized(loss_fn, variables, images, labels, key, devices=devices)
+                  if devices > 1 else None)
     times, effs, updates, useful, c_times, dp_times = [], [], [], [], [], []
     for r in range(repeats + 1):
         plan = engine.plan(population, sampler.sample(0, r))
@@ -177,14 +177,27 @@ def run_one(model_name, dist, cohort, backend_name, population_size, repeats, ta
     }
 
 
-class Centralized:
-    """A centralized jitted SGD loop over a cohort's examples in batches of BATCH.
+def cohort_examples(population, client_ids):
+    """(images, labels) of all examples of the clients `client_ids`, client after client."""
+    import numpy as np
 
-    devices > 1: data parallel over that many devices (shard_map; each takes BATCH / devices
-    rows of every batch, gradients pmean'ed: the same update as one device's batch of BATCH).
+    ids = np.asarray(client_ids)
+    sizes = population.sizes(ids)
+    index = np.where(np.arange(sizes.max())[None] < sizes[:, None], np.arange(sizes.max()), -1)
+    data = population.gather(ids, index)
+    valid = index >= 0
+    return data["image"][valid], data["label"][valid]
+
+
+class Centralized:
+    """A centralized jitted SGD loop over (images, labels) in batches of `batch` (a partial
+    last batch is dropped).
+
+    devices > 1: data parallel over that many devices (shard_map; each takes batch / devices
+    rows of every batch, gradients pmean'ed: the same update as one device's batch).
     """
 
-    def __init__(self, loss_fn, variables, plan, population, key, devices=1):
+    def __init__(self, loss_fn, variables, images, labels, key, *, batch=BATCH, devices=1):
         import jax
         import jax.numpy as jnp
         import numpy as np
@@ -192,20 +205,13 @@ class Centralized:
         from jax.sharding import Mesh, NamedSharding
         from jax.sharding import PartitionSpec as P
 
-        ids = plan.client_ids[plan.client_ids >= 0]
-        sizes = population.sizes(ids)
-        index = np.where(np.arange(sizes.max())[None] < sizes[:, None], np.arange(sizes.max()),
-                         -1)
-        data = population.gather(ids, index)
-        valid = index >= 0
-        images, labels = data["image"][valid], data["label"][valid]
-        self.examples = n = len(labels) // BATCH * BATCH
+        self.examples = n = len(labels) // batch * batch
         opt = optax.sgd(0.05)
         # Copies: the step donates its carry, the caller's variables must survive.
         params = jax.tree.map(jnp.array, variables["params"])
         model_state = jax.tree.map(jnp.array, {k: v for k, v in variables.items()
                                                if k != "params"})
-        per = BATCH // devices
+        per = batch // devices
 
         def step(carry, batch, dkey):
             params, model_state, opt_state = carry
@@ -218,8 +224,8 @@ class Centralized:
             upd, opt_state = opt.update(grads, opt_state, params)
             return optax.apply_updates(params, upd), model_state, opt_state
 
-        batches = [{"image": images[i:i + BATCH], "label": labels[i:i + BATCH]}
-                   for i in range(0, n, BATCH)]
+        batches = [{"image": images[i:i + batch], "label": labels[i:i + batch]}
+                   for i in range(0, n, batch)]
         carry = (params, model_state, opt.init(params))
         if devices > 1:
             mesh = Mesh(np.asarray(jax.devices()[:devices]), ("batch",))
@@ -251,7 +257,6 @@ def batch_curve(model_name, batches=(4, 8, 12, 16), steps=60):
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import optax
 
     from fer_jax import federated as fl
 
@@ -259,28 +264,13 @@ def batch_curve(model_name, batches=(4, 8, 12, 16), steps=60):
     loss_fn = fl.classifier_loss(model.apply)
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 48, 48, 1), jnp.uint8),
                            train=False)
-    opt = optax.sgd(0.05)
     rng = np.random.default_rng(0)
     out = {}
     for b in batches:
-        def step(carry, batch, b=b):
-            params, opt_state = carry
-            grads = jax.grad(lambda p: loss_fn(p, {}, batch, jnp.ones(b, bool),
-                                               jax.random.PRNGKey(0))[0])(params)
-            upd, opt_state = opt.update(grads, opt_state, params)
-            return optax.apply_updates(params, upd), opt_state
-
-        step = jax.jit(step, donate_argnums=0)
-        batch = {"image": rng.integers(0, 256, (b, 48, 48, 1), dtype=np.uint8),
-                 "label": rng.integers(0, 7, b).astype(np.int32)}
-        carry = step((jax.tree.map(jnp.array, variables["params"]),
-                      opt.init(variables["params"])), batch)
-        jax.block_until_ready(carry)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            carry = step(carry, batch)
-        jax.block_until_ready(carry)
-        out[b] = b * steps / (time.perf_counter() - t0)
+        images = rng.integers(0, 256, (b * steps, 48, 48, 1), dtype=np.uint8)
+        labels = rng.integers(0, 7, b * steps).astype(np.int32)
+        loop = Centralized(loss_fn, variables, images, labels, jax.random.PRNGKey(0), batch=b)
+        out[b] = loop.examples / loop.epoch()
     return {"model": model_name, "examples_per_s_by_batch": out}
 
 

@@ -276,10 +276,12 @@ def _over_clients(spec: ClientSpec, one, carry, xs, reduce=None):
 
 
 def _accumulate(spec: ClientSpec, accum, clients, finished):
-    """Adds this device's finished clients into its row of `accum` ([1, ...] here).
+    """Runs `finished` on each of this device's clients and adds the results into its row of
+    `accum` ([1, ...] here).
 
-    clients: {'client_ids', 'num_examples'} [n]; finished: (delta, new_local, metrics, finite)
-    with a leading [n] axis. Returns (accum, (new_local, metrics, finite))."""
+    clients: a tuple of per-client inputs with a leading [n] axis whose first element is
+    {'client_ids', 'num_examples'}; finished(*one_client) -> (delta, new_local, metrics,
+    finite). Returns (accum, (new_local, metrics, finite) with a leading [n] axis)."""
 
     def reduce(carry, g, out):
         delta, new_local, metrics, finite = out
