@@ -207,3 +207,15 @@ def test_lazy_population_memory_is_independent_of_size():
     batch = huge.gather(ids, index)
     assert batch["image"].shape == (3, 8, 48, 48, 1)
     np.testing.assert_array_equal(huge.gather(ids, index)["image"], batch["image"])
+
+
+def test_weighted_mean_averages_integer_leaves_in_float():
+    """Integer rows are not truncated: (1 * [3, 5] + 2 * [4, 9]) / 3, computed here by hand."""
+    x = {"count": np.array([[3, 5], [4, 9]], np.int32), "flag": np.array([True, False]),
+         "half": np.array([[1.0], [2.0]], np.float16)}
+    out = fl.weighted_mean(x, np.array([1.0, 2.0]))
+    np.testing.assert_allclose(out["count"], [11 / 3, 23 / 3], rtol=1e-6)
+    assert out["count"].dtype == np.float32
+    np.testing.assert_allclose(out["flag"], 1 / 3, rtol=1e-6)
+    assert out["half"].dtype == np.float16  # floating leaves keep their dtype
+    np.testing.assert_allclose(out["half"], [5 / 3], rtol=1e-3)

@@ -27,6 +27,8 @@ def weighted_mean(stacked_tree, weights):
 
     stacked_tree: a pytree whose leaves are [C, ...] (one row per client).
     weights: [C] non-negative weights (example counts for FedAvg, 1 for uniform averaging).
+    Floating leaves keep their dtype; integer and bool leaves are averaged in float32 (the mean
+    of counts is not an integer: rows [3, 5], [4, 9] with weights 1, 2 give [3.667, 7.667]).
     A client with weight 0 contributes nothing, even when its row holds NaN or inf (it is
     selected out, not multiplied by zero). With concrete inputs, all-zero, negative or
     mismatched weights raise ValueError; under jit the caller must check (the round does, on the
@@ -54,7 +56,13 @@ def weighted_mean(stacked_tree, weights):
     total_tree, total = weighted_sum(stacked_tree, weights)
     # Guard the division so a traced all-zero cohort yields zeros, never NaN, in the server state.
     safe_total = jnp.where(total > 0, total, 1.0)
-    return jax.tree.map(lambda s, x: (s / safe_total).astype(x.dtype), total_tree, stacked_tree)
+    return jax.tree.map(lambda s, x: (s / safe_total).astype(_mean_dtype(x.dtype)), total_tree,
+                        stacked_tree)
+
+
+def _mean_dtype(dtype):
+    """The dtype of a weighted mean of `dtype` values: floats keep theirs, others float32."""
+    return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.float32
 
 
 def weighted_sum(stacked_tree, weights):
