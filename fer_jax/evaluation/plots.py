@@ -59,3 +59,64 @@ def save_subject_differences(subjects, differences, path: str | pathlib.Path, *,
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# Prefixes of metrics.jsonl keys that are evaluations (the training loop logs 'train/...' and,
+# in federated runs, 'round/...').
+EVAL_PREFIXES = ("eval", "val", "validation", "test")
+
+
+def learning_curve_series(records) -> dict[str, dict[str, tuple[list, list]]]:
+    """{'loss': {key: (steps, values)}, 'eval': {key: (steps, values)}} of metrics.jsonl records:
+    every 'train/...loss...' key, and every key under EVAL_PREFIXES; non-finite values and
+    records without the key are skipped, points sorted by step."""
+    keys = sorted({k for r in records for k in r if k not in ("step", "time")})
+    groups = {"loss": [k for k in keys if k.startswith("train/") and "loss" in k],
+              "eval": [k for k in keys if k.split("/", 1)[0] in EVAL_PREFIXES]}
+    out = {}
+    for group, names in groups.items():
+        out[group] = {}
+        for key in names:
+            points = sorted((r["step"], float(r[key])) for r in records
+                            if isinstance(r.get(key), int | float) and np.isfinite(r[key]))
+            out[group][key] = ([p[0] for p in points], [p[1] for p in points])
+    return out
+
+
+def save_learning_curve(records, path: str | pathlib.Path, *, title: str = "",
+                        chance: float | None = None, xlabel: str | None = None) -> pathlib.Path:
+    """Training loss (left) and every evaluation metric (right) over steps or rounds.
+
+    records: metrics.jsonl dicts with 'step' (see `learning_curve_series` for the keys drawn).
+    chance: the chance accuracy, drawn as a dashed line on the right. xlabel: default 'round'
+    when the records hold 'round/...' keys (federated runs), else 'step'.
+    """
+    series = learning_curve_series(records)
+    if xlabel is None:
+        xlabel = "round" if any(k.startswith("round/") for r in records for k in r) else "step"
+    fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, group, ylabel in ((ax_loss, "loss", "training loss"),
+                              (ax_eval, "eval", "evaluation metric")):
+        for key, (x, y) in series[group].items():
+            if not x:
+                continue
+            ax.plot(x, y, marker="o" if len(x) < 30 else None, markersize=3, label=key)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if not series[group]:
+            ax.text(0.5, 0.5, f"no {ylabel} logged", ha="center", va="center",
+                    transform=ax.transAxes, color="gray")
+    if chance is not None:
+        ax_eval.axhline(chance, color="black", linestyle="--", linewidth=1,
+                        label=f"chance ({chance:.3f})")
+    for ax in (ax_loss, ax_eval):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
