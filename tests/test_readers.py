@@ -1,5 +1,7 @@
 """Real-dataset readers (fer_jax.data.readers) on tiny fixtures written in each dataset's layout."""
 
+import pathlib
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -109,6 +111,68 @@ def test_class_folders_nested_and_errors(tmp_path):
         readers.index_class_folders(root)
     with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
         readers.index_class_folders(tmp_path / "nowhere")
+
+
+
+def _gif(path, frames):
+    """Gray frames (T, H, W) uint8 as a GIF at `path` (animated when T > 1), whatever its name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(path, format="GIF", save_all=len(images) > 1, append_images=images[1:],
+                   duration=100, loop=0)
+
+
+def test_content_not_suffix_decides(tmp_path):
+    """Yale-style GIFs named 'subject01.happy', extensionless PNGs and an animated GIF are images;
+    a text file without suffix is not_image, a '.gif' holding text is unreadable."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "yale"
+    still = rng.integers(0, 256, (12, 10), dtype=np.uint8)
+    _gif(root / "happy" / "subject01.happy", still[None])
+    anim = rng.integers(0, 256, (3, 12, 10), dtype=np.uint8)
+    _gif(root / "happy" / "subject02.gif", anim)
+    png = rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    (root / "sad").mkdir()
+    Image.fromarray(png).save(root / "sad" / "subject03", format="PNG")
+    (root / "sad" / "README").write_text("Yale faces, 15 subjects")
+    (root / "sad" / "broken.gif").write_text("GIF in name only")
+    assert readers.sniff_image(root / "happy" / "subject01.happy") is None
+    assert readers.sniff_image(root / "sad" / "README") == readers.NOT_IMAGE
+    assert readers.sniff_image(root / "sad" / "broken.gif") == readers.UNREADABLE
+    index = readers.index_class_folders(root)
+    assert [e.path.name for e in index.entries] == ["subject01.happy", "subject02.gif",
+                                                    "subject03"]
+    assert sorted((pathlib.Path(p).name, r) for p, r in index.rejected) == [
+        ("README", readers.NOT_IMAGE), ("broken.gif", readers.UNREADABLE)]
+    ds = readers.load_index(readers.Index("yale", index.entries), image_size=12)
+    images = ds["all"].images
+    np.testing.assert_array_equal(images[0], readers.resize_rgb(np.dstack([still] * 3), 12))
+    # An animated GIF gives its first frame.
+    np.testing.assert_array_equal(images[1], readers.resize_rgb(np.dstack([anim[0]] * 3), 12))
+    assert not np.array_equal(images[1], readers.resize_rgb(np.dstack([anim[1]] * 3), 12))
+    np.testing.assert_array_equal(images[2], readers.resize_rgb(png, 12))
+
+
+def test_no_readable_images_says_what_was_seen(tmp_path):
+    root = tmp_path / "faces"
+    for folder, n in (("happy", 3), ("sad", 2)):
+        (root / folder).mkdir(parents=True)
+        for k in range(n):
+            (root / folder / f"s{k}.txt").write_text("a caption")
+        (root / folder / "clip.mp4").write_bytes(b"\0\0\0\x18ftypmp42")
+    (root / "sad" / "fake.jpg").write_text("not a jpeg")
+    (root / "labels.csv").write_text("file,label")
+    with pytest.raises(FileNotFoundError) as e:
+        readers.index_class_folders(root)
+    message = str(e.value)
+    assert "saw 8 files in 2 class folders and rejected all of them" in message
+    assert "7 not_image (.txt 5, .mp4 2), 1 unreadable (.jpg 1)" in message
+    assert "1 more files lie directly in" in message
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    _png(flat / "a.png", 0)
+    with pytest.raises(FileNotFoundError, match="has no class folders \\(1 files lie directly"):
+        readers.index_class_folders(flat)
 
 
 def test_affwild2_six_classes(tmp_path):

@@ -4,6 +4,9 @@ Each reader works in two steps. `index_*` lists the dataset's files with their c
 (`classes.canonical_name`), subject id and the source's own split, without decoding any pixels;
 files that cannot be examples (a non-image file, a csv row whose image is missing, an AffectNet
 row labelled none / uncertain / non-face) go to `Index.rejected` with the path and the reason.
+Folder readers decide what is an image by content, not by suffix (`sniff_image`): a GIF or an
+extensionless file that PIL recognises is an image (the Yale faces ship GIFs named
+`subject01.happy`), a `.jpg` holding text is rejected as unreadable.
 `load_index` then decodes every file into a `types.Dataset` (uint8, one size) and raises on the
 first problem, naming the file; the prepare pipeline (`fer_jax.data.prepare`) reads the same index
 tolerantly and counts each problem in its report instead.
@@ -28,6 +31,7 @@ import csv
 import dataclasses
 import pathlib
 import re
+from collections import Counter
 
 import numpy as np
 from PIL import Image
@@ -35,7 +39,9 @@ from PIL import Image
 from fer_jax.data import classes as classes_lib
 from fer_jax.data import types
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+# Suffixes that promise an image: such a file PIL cannot recognise is 'unreadable', any other
+# unrecognised file 'not_image'. Recognised content is an image whatever its suffix.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 # Reasons a file never becomes an example; the prepare report counts them under these names.
 NOT_IMAGE, MISSING, NO_LABEL, UNREADABLE = ("not_image", "missing_file", "no_expression_label",
                                             "unreadable")
@@ -82,7 +88,8 @@ class Index:
 
 
 def decode_image(path) -> tuple[np.ndarray, str]:
-    """An image file as (H, W, 3) uint8 RGB plus the file's PIL mode, with fixed rules:
+    """An image file as (H, W, 3) uint8 RGB plus the file's PIL mode, with fixed rules (an
+    animated GIF or multi-page TIFF gives its first frame):
     gray / palette / bilevel are replicated to RGB, alpha is dropped (PIL's convert('RGB')),
     16-bit is mapped linearly [0, 65535] -> [0, 255] (PIL's convert would clip it to white).
     Raises ValueError naming the file when it cannot be decoded or has float pixels."""
@@ -117,6 +124,33 @@ def resize_rgb(image: np.ndarray, size: int, *, channels: int = 3) -> np.ndarray
     if channels == 1:
         im = im.convert("L")
     return np.asarray(im, np.uint8).reshape(size, size, channels)
+
+
+def sniff_image(path) -> str | None:
+    """None when PIL recognises the file's content as an image (it reads the header only), else
+    the reason it is no example: UNREADABLE for a name with an image suffix, NOT_IMAGE otherwise.
+    A truncated file with a valid header passes here and fails in `decode_image`."""
+    path = pathlib.Path(path)
+    try:
+        with Image.open(path):
+            return None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return UNREADABLE if path.suffix.lower() in IMAGE_SUFFIXES else NOT_IMAGE
+
+
+def rejection_summary(rejected) -> str:
+    """'60 not_image (.happy 15, .sad 15, ...), 2 unreadable (.jpg 2)': counts by reason, then by
+    suffix within a reason (the 5 most common), so a user sees what kind of file was refused."""
+    by_reason: dict[str, Counter] = {}
+    for path, reason in rejected:
+        suffix = pathlib.Path(path).suffix.lower() or "no suffix"
+        by_reason.setdefault(reason, Counter())[suffix] += 1
+    parts = []
+    for reason, suffixes in sorted(by_reason.items(), key=lambda kv: -sum(kv[1].values())):
+        kinds = ", ".join(f"{s} {n}" for s, n in suffixes.most_common(5))
+        more = ", ..." if len(suffixes) > 5 else ""
+        parts.append(f"{sum(suffixes.values())} {reason} ({kinds}{more})")
+    return ", ".join(parts)
 
 
 # ------------------------------------------------------------------------------ helpers.
@@ -167,7 +201,8 @@ def index_class_folders(root, *, subject_pattern: str | None = None,
                                 f"{root}/<class name>/<image>{'|'.join(IMAGE_SUFFIXES)}")
     regex = re.compile(subject_pattern) if subject_pattern else None
     entries, rejected, keys = [], [], []
-    for folder in (p for p in _visible(root) if p.is_dir()):
+    folders = [p for p in _visible(root) if p.is_dir()]
+    for folder in folders:
         label = classes_lib.canonical_name(folder.name, source=f"class folder {folder}")
         if allowed_classes is not None and label not in allowed_classes:
             raise ValueError(f"class folder {folder} is {label!r}; this layout expects only "
@@ -175,8 +210,9 @@ def index_class_folders(root, *, subject_pattern: str | None = None,
         files = sorted(p for p in folder.rglob("*")
                        if p.is_file() and not any(s.startswith(".") for s in p.parts[-2:]))
         for f in files:
-            if f.suffix.lower() not in IMAGE_SUFFIXES:
-                rejected.append((str(f), NOT_IMAGE))
+            reason = sniff_image(f)
+            if reason is not None:
+                rejected.append((str(f), reason))
                 continue
             if regex is not None:
                 rel = f.relative_to(folder).as_posix()
@@ -187,14 +223,29 @@ def index_class_folders(root, *, subject_pattern: str | None = None,
                 keys.append(m.group(1) if regex.groups else m.group(0))
             entries.append(Entry(f, label))
     if not entries:
-        raise FileNotFoundError(f"image folder {root} has no images in class folders; expected "
-                                f"{root}/<class name>/<image>{'|'.join(IMAGE_SUFFIXES)}")
+        raise FileNotFoundError(_no_images_message(root, folders, rejected))
     names = None
     if regex is not None:
         ids, names = subject_ids(keys)
         entries = [dataclasses.replace(e, subject=int(s)) for e, s in zip(entries, ids,
                                                                            strict=True)]
     return Index(name or root.name, tuple(entries), tuple(rejected), names)
+
+
+def _no_images_message(root: pathlib.Path, folders, rejected) -> str:
+    """Why a class-folder root gave no example: what was seen, and each kind's reason."""
+    loose = [p for p in _visible(root) if p.is_file()]
+    expected = (f"expected {root}/<class name>/<image> (any image file PIL reads: "
+                f"{', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES)}, any suffix or none)")
+    if not folders:
+        return (f"image folder {root} has no class folders ({len(loose)} files lie directly in "
+                f"it); {expected}")
+    seen = f"saw {len(rejected)} files in {len(folders)} class folders"
+    if rejected:
+        seen += f" and rejected all of them: {rejection_summary(rejected)}"
+    if loose:
+        seen += f"; {len(loose)} more files lie directly in {root}, outside any class folder"
+    return f"image folder {root} has no readable images: {seen}; {expected}"
 
 
 def index_affwild2(root, *, subject_pattern: str | None = None) -> Index:
@@ -299,8 +350,9 @@ def index_ferg(root) -> Index:
                                  f"{char_dir.name}_<expression>")
             label = classes_lib.canonical_name(expr, source=f"FERG folder {expr_dir}")
             for f in (p for p in _visible(expr_dir) if p.is_file()):
-                if f.suffix.lower() not in IMAGE_SUFFIXES:
-                    rejected.append((str(f), NOT_IMAGE))
+                reason = sniff_image(f)
+                if reason is not None:
+                    rejected.append((str(f), reason))
                     continue
                 entries.append(Entry(f, label, subject=FERG_CHARACTERS.index(char)))
     if not entries:
