@@ -45,18 +45,26 @@ def np_grads(p, x, y):
     return {"w1": x.T @ dh, "b1": dh.sum(0), "w2": h.T @ dz, "b2": dz.sum(0)}
 
 
-def np_round(server, clients, ids, *, weighting, prox_mu=0.0):
-    """Sequential FedAvg: every client runs SGD over its batches in order; weighted mean delta."""
+def np_round(server, clients, ids, *, weighting, prox_mu=0.0, drop_remainder=False):
+    """Sequential FedAvg: every client runs SGD over its batches in order; weighted mean delta.
+
+    drop_remainder: only full batches train. weighting: 'num_examples' (examples trained),
+    'client_size' (all of the client's examples, trained or not), 'uniform', or a function of n.
+    """
     deltas, weights = [], []
     for c in ids:
         x, y = clients[c]["image"].astype(np.float64), clients[c]["label"]
+        trained = len(x) // BATCH * BATCH if drop_remainder else len(x)
         p = {k: v.copy() for k, v in server.items()}
-        for start in range(0, len(x), BATCH):
+        for start in range(0, trained, BATCH):
             g = np_grads(p, x[start:start + BATCH], y[start:start + BATCH])
             for k in p:
                 p[k] -= LR * (g[k] + prox_mu * (p[k] - server[k]))
         deltas.append({k: p[k] - server[k] for k in p})
-        weights.append(float(len(x)) if weighting == "num_examples" else float(len(x) > 0))
+        weights.append(float(trained) if weighting == "num_examples" else
+                       float(len(x)) if weighting == "client_size" else
+                       float(len(x) > 0) if weighting == "uniform" else
+                       float(weighting(len(x))) * (len(x) > 0))
     w = np.asarray(weights)
     return {k: sum(wi * d[k] for wi, d in zip(w, deltas, strict=True)) / w.sum() for k in server}
 
@@ -76,10 +84,11 @@ METHODS = {mu: fl.SupervisedClient(fl.classifier_loss(MODEL.apply), optax.sgd(LR
 
 
 def build_engine(*, weighting="num_examples", server="fedavg", prox_mu=0.0, clients_per_call=2,
-                 backend=None, mesh=None, **kw):
+                 backend=None, mesh=None, drop_remainder=False, step_buckets=(3, 9), **kw):
     model, method = MODEL, METHODS[prox_mu]
-    packing = fl.PackingConfig(batch_size=BATCH, step_buckets=(3, 9),
-                               clients_per_call=clients_per_call, shuffle=False)
+    packing = fl.PackingConfig(batch_size=BATCH, step_buckets=step_buckets,
+                               clients_per_call=clients_per_call, shuffle=False,
+                               drop_remainder=drop_remainder)
     engine = fl.FederatedEngine(
         method, server_optimizer=fl.server_optimizer(server, learning_rate=1.0, momentum=0.5),
         packing=packing, backend=backend or fl.RoundBackend(), weighting=weighting,
@@ -226,3 +235,56 @@ def test_tail_multiple_validated_and_too_big_client_named():
     engine, _ = tail_engine(2, buckets=(1,))
     with pytest.raises(ValueError, match=r"clients \[3\] have \[33\] examples"):
         engine.plan(population, [0, 3])
+
+
+@pytest.mark.parametrize("weighting,drop", [
+    ("client_size", True), ("num_examples", True), ("uniform", True),
+    (np.sqrt, False), ("client_size", False)])
+def test_weighting_and_drop_remainder_match_numpy_fedavg(weighting, drop):
+    """fedjax's FedAvg setting (weight = full client size, partial batch dropped) and the other
+    weightings, two rounds against the sequential reference. Client 4 (3 examples < batch 4)
+    trains nothing with drop_remainder but still weighs 3 under 'client_size'."""
+    clients, population = make_population()
+    engine, variables = build_engine(weighting=weighting, drop_remainder=drop)
+    ref = to_np(variables)
+    state = engine.init(variables)
+    for cohort in ([0, 1, 2, 3, 4], [6, 4, 5, 1]):
+        state, result = engine.run_round(state, population, engine.plan(population, cohort),
+                                         jax.random.PRNGKey(1))
+        mean_delta = np_round(ref, clients, cohort, weighting=weighting, drop_remainder=drop)
+        ref = {k: ref[k] + mean_delta[k] for k in ref}
+        for k, v in to_np(state.variables).items():
+            np.testing.assert_allclose(v, ref[k], atol=1e-5, rtol=1e-5, err_msg=k)
+        sizes = np.asarray(SIZES)[cohort]
+        trained = sizes // BATCH * BATCH if drop else sizes
+        assert result.totals["count"] == trained.sum() == result.useful_examples
+        assert result.client_updates == (trained > 0).sum()
+
+
+def test_drop_remainder_does_not_compute_the_dropped_step():
+    """Every step count a bucket, one client per call: with drop_remainder the computed slots are
+    exactly the full batches (no padded step), fewer than without it."""
+    _, population = make_population()
+    cohort = [0, 2, 3, 4, 5, 6]
+    every = tuple(range(1, 10))
+    dropped = build_engine(drop_remainder=True, clients_per_call=1, step_buckets=every)[0]
+    kept = build_engine(drop_remainder=False, clients_per_call=1, step_buckets=every)[0]
+    plan = dropped.plan(population, cohort)
+    sizes = np.asarray(SIZES)[cohort]
+    assert sorted(c.steps for c in plan.chunks) == sorted(n // BATCH for n in sizes if n >= BATCH)
+    assert plan.computed_examples == (sizes // BATCH * BATCH).sum()
+    assert plan.padding_efficiency == 1.0
+    assert plan.computed_examples < kept.plan(population, cohort).computed_examples
+    assert plan.idle_weight == 0.0  # 'num_examples': client 4 trains nothing, weighs nothing
+
+
+def test_protocol_knobs_validated():
+    with pytest.raises(ValueError, match="drop_remainder .* tail_multiple=0"):
+        fl.PackingConfig(batch_size=4, tail_multiple=2, drop_remainder=True)
+    _, population = make_population()
+    engine, _ = build_engine(drop_remainder=True)
+    with pytest.raises(ValueError, match="no client of the cohort of 1 has a full batch of 4"):
+        engine.plan(population, [4])
+    engine, _ = build_engine(weighting=lambda n: -n)
+    with pytest.raises(ValueError, match="weighting function must return"):
+        engine.plan(population, [0, 2])

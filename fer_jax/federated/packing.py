@@ -5,10 +5,11 @@ Packing has two halves so that every process of a multi-host run agrees on the s
     client's step bucket and cut the buckets into chunks of `clients_per_call` clients;
   materialize_chunk: gather one chunk's examples (or only this process's rows of it).
 Each client runs `local_epochs` epochs of ceil(n / batch_size) steps; the last batch of an epoch
-is partial and masked. A client's step count is rounded up to the smallest of a fixed set of
-`step_buckets`, so the round compiles once per bucket, never per cohort. Clients with no
-examples are left out of the chunks (they would contribute nothing). Padding efficiency =
-useful example slots / computed example slots.
+is partial and masked (with `drop_remainder`, floor(n / batch_size) steps: the partial batch is
+neither trained nor computed, and a client with less than one batch trains nothing). A client's
+step count is rounded up to the smallest of a fixed set of `step_buckets`, so the round compiles
+once per bucket, never per cohort. Clients that train nothing are left out of the chunks.
+Padding efficiency = useful example slots / computed example slots.
 
 Tail batches (`tail_multiple` = g > 0): an epoch's last batch then gets its own step of
 ceil(r / g) * g rows instead of batch_size rows (r = examples left for it), so small clients do
@@ -45,6 +46,9 @@ class PackingConfig:
       its own step of ceil(r / g) * g rows (at most batch_size / g more compiled shapes per step
       bucket; step_buckets then bound the full steps per epoch, 0 always allowed). The method's
       step must accept any batch size (a masked mean loss does).
+    drop_remainder: each epoch trains floor(n / batch_size) full batches of a fresh shuffle and
+      drops the rest (fedjax's and tf.data's option); the dropped step is not computed. Excludes
+      tail batches (there is no partial batch left to shape).
     """
 
     batch_size: int = 16
@@ -53,6 +57,7 @@ class PackingConfig:
     clients_per_call: int = 8
     shuffle: bool = True
     tail_multiple: int = 0
+    drop_remainder: bool = False
 
     def __post_init__(self):
         if self.batch_size < 1 or self.local_epochs < 1 or self.clients_per_call < 1:
@@ -63,13 +68,17 @@ class PackingConfig:
         if not 0 <= self.tail_multiple <= self.batch_size:
             raise ValueError(f"tail_multiple must be in [0, batch_size={self.batch_size}], got "
                              f"{self.tail_multiple}")
+        if self.drop_remainder and self.tail_multiple:
+            raise ValueError(f"drop_remainder leaves no partial batch for tail batches: set "
+                             f"tail_multiple=0 (got {self.tail_multiple})")
 
     @property
     def max_examples(self) -> int:
         """The most examples a client may hold: the largest bucket, full batches."""
         if self.tail_multiple:
             return (self.step_buckets[-1] + 1) * self.batch_size
-        return (self.step_buckets[-1] // self.local_epochs) * self.batch_size
+        most = (self.step_buckets[-1] // self.local_epochs) * self.batch_size
+        return most + self.batch_size - 1 if self.drop_remainder else most
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,22 +93,42 @@ class ChunkPlan:
     client_ids: np.ndarray
     num_examples: np.ndarray
     tail: int = 0
+    weights: np.ndarray | None = None  # [K] aggregation weights (None: examples trained)
 
 
 @dataclasses.dataclass(frozen=True)
 class CohortPlan:
-    """The chunks of one cohort plus the bookkeeping reported per round."""
+    """The chunks of one cohort plus the bookkeeping reported per round.
+
+    num_examples: client sizes; trained: examples each client trains per epoch (its size, or its
+    full batches with drop_remainder); weights: aggregation weights. A client that trains nothing
+    but has a weight (drop_remainder, weighting by client size) is in no chunk: its zero delta
+    only adds `idle_weight` to the round's denominator.
+    """
 
     chunks: tuple[ChunkPlan, ...]
     client_ids: np.ndarray
     num_examples: np.ndarray
     batch_size: int
     local_epochs: int
+    trained: np.ndarray | None = None
+    weights: np.ndarray | None = None
+
+    @property
+    def trained_examples(self) -> np.ndarray:
+        return self.num_examples if self.trained is None else self.trained
+
+    @property
+    def idle_weight(self) -> float:
+        """The summed weight of clients that train nothing (their delta is zero)."""
+        if self.weights is None:
+            return 0.0
+        return float(self.weights[self.trained_examples == 0].sum())
 
     @property
     def useful_examples(self) -> int:
-        """Example slots that carry data: sum_c epochs * n_c."""
-        return int(self.num_examples.sum()) * self.local_epochs
+        """Example slots that carry data: sum_c epochs * (examples c trains per epoch)."""
+        return int(self.trained_examples.sum()) * self.local_epochs
 
     @property
     def computed_examples(self) -> int:
@@ -114,17 +143,29 @@ class CohortPlan:
 
     @property
     def client_updates(self) -> int:
-        """Clients that train (non-empty) this round."""
-        return int((self.num_examples > 0).sum())
+        """Clients that train (at least one step) this round."""
+        return int((self.trained_examples > 0).sum())
 
 
 def client_steps(sizes: np.ndarray, config: PackingConfig) -> np.ndarray:
-    """Local steps per client: epochs * ceil(n / batch_size)."""
-    return config.local_epochs * (-(-np.asarray(sizes) // config.batch_size))
+    """Local steps per client: epochs * ceil(n / batch_size) (floor with drop_remainder)."""
+    sizes = np.asarray(sizes)
+    per_epoch = sizes // config.batch_size if config.drop_remainder else -(-sizes //
+                                                                          config.batch_size)
+    return config.local_epochs * per_epoch
 
 
-def plan_cohort(client_ids, sizes, config: PackingConfig) -> CohortPlan:
-    """Bucket the cohort by step count and cut each bucket into chunks of clients_per_call."""
+def trained_examples(sizes, config: PackingConfig) -> np.ndarray:
+    """Examples each client trains per epoch: n, or its full batches with drop_remainder."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    return sizes // config.batch_size * config.batch_size if config.drop_remainder else sizes
+
+
+def plan_cohort(client_ids, sizes, config: PackingConfig, weights=None) -> CohortPlan:
+    """Bucket the cohort by step count and cut each bucket into chunks of clients_per_call.
+
+    weights: [C] aggregation weights (default: the examples each client trains per epoch).
+    """
     ids = np.asarray(client_ids, dtype=np.int64)
     sizes = np.asarray(sizes, dtype=np.int64)
     if ids.ndim != 1 or ids.size == 0:
@@ -138,8 +179,16 @@ def plan_cohort(client_ids, sizes, config: PackingConfig) -> CohortPlan:
     if sizes.sum() == 0:
         raise ValueError(f"all {len(ids)} clients of the cohort have zero examples: the aggregation"
                          " weights are all zero")
+    trained = trained_examples(sizes, config)
+    if trained.sum() == 0:
+        raise ValueError(f"no client of the cohort of {len(ids)} has a full batch of "
+                         f"{config.batch_size} examples (drop_remainder): nothing to train")
+    weights = trained.astype(np.float64) if weights is None else np.asarray(weights, np.float64)
+    if weights.shape != ids.shape or np.any(weights < 0) or not np.all(np.isfinite(weights)):
+        raise ValueError(f"aggregation weights must be [{len(ids)}] finite values >= 0, got "
+                         f"{weights[:5].tolist()} of shape {weights.shape}")
     if config.tail_multiple:
-        return _plan_with_tails(ids, sizes, config)
+        return _plan_with_tails(ids, sizes, config, weights)
     steps = client_steps(sizes, config)
     buckets = np.asarray(config.step_buckets)
     too_big = steps > buckets[-1]
@@ -152,16 +201,22 @@ def plan_cohort(client_ids, sizes, config: PackingConfig) -> CohortPlan:
     bucket_of = np.searchsorted(buckets, steps)  # index of the smallest bucket >= steps
     k = config.clients_per_call
     chunks = []
-    for b in np.unique(bucket_of[sizes > 0]):
-        members = np.flatnonzero((bucket_of == b) & (sizes > 0))
+    live = steps > 0
+    for b in np.unique(bucket_of[live]):
+        members = np.flatnonzero((bucket_of == b) & live)
         for start in range(0, len(members), k):
-            part = members[start:start + k]
-            pad = k - len(part)
-            chunks.append(ChunkPlan(
-                steps=int(buckets[b]),
-                client_ids=np.concatenate([ids[part], np.full(pad, -1, np.int64)]),
-                num_examples=np.concatenate([sizes[part], np.zeros(pad, np.int64)])))
-    return CohortPlan(tuple(chunks), ids, sizes, config.batch_size, config.local_epochs)
+            chunks.append(_chunk(ids, sizes, weights, members[start:start + k], k,
+                                 steps=int(buckets[b])))
+    return CohortPlan(tuple(chunks), ids, sizes, config.batch_size, config.local_epochs,
+                      trained, weights)
+
+
+def _chunk(ids, sizes, weights, part, k, **shape) -> ChunkPlan:
+    """The chunk of clients `part` (indices into the cohort), padded to k clients."""
+    pad = k - len(part)
+    return ChunkPlan(client_ids=np.concatenate([ids[part], np.full(pad, -1, np.int64)]),
+                     num_examples=np.concatenate([sizes[part], np.zeros(pad, np.int64)]),
+                     weights=np.concatenate([weights[part], np.zeros(pad)]), **shape)
 
 
 def tail_widths(sizes, config: PackingConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -173,7 +228,7 @@ def tail_widths(sizes, config: PackingConfig) -> tuple[np.ndarray, np.ndarray]:
     return full, np.minimum(-(-rest // g) * g, bsz)
 
 
-def _plan_with_tails(ids, sizes, config: PackingConfig) -> CohortPlan:
+def _plan_with_tails(ids, sizes, config: PackingConfig, weights) -> CohortPlan:
     full, tail = tail_widths(sizes, config)
     buckets = np.asarray((0,) + tuple(config.step_buckets))
     too_big = full > buckets[-1]
@@ -195,12 +250,10 @@ def _plan_with_tails(ids, sizes, config: PackingConfig) -> CohortPlan:
         members = members[np.argsort(tail[members], kind="stable")]
         for start in range(0, len(members), k):
             part = members[start:start + k]
-            pad = k - len(part)
-            chunks.append(ChunkPlan(
-                steps=int(buckets[b]), tail=int(tail[part].max()),
-                client_ids=np.concatenate([ids[part], np.full(pad, -1, np.int64)]),
-                num_examples=np.concatenate([sizes[part], np.zeros(pad, np.int64)])))
-    return CohortPlan(tuple(chunks), ids, sizes, config.batch_size, config.local_epochs)
+            chunks.append(_chunk(ids, sizes, weights, part, k, steps=int(buckets[b]),
+                                 tail=int(tail[part].max())))
+    return CohortPlan(tuple(chunks), ids, sizes, config.batch_size, config.local_epochs,
+                      sizes, weights)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,13 +295,15 @@ def example_index(chunk: ChunkPlan, config: PackingConfig, *, seed: int, round_i
     ids, sizes = chunk.client_ids[rows], chunk.num_examples[rows]
     bsz, epochs = config.batch_size, config.local_epochs
     per_epoch = chunk.steps // epochs if chunk.steps % epochs == 0 else -(-chunk.steps // epochs)
-    width = per_epoch * bsz  # slots per epoch
+    # Slots per epoch; with drop_remainder the shuffle still permutes all n examples.
+    width = max(per_epoch * bsz, int(sizes.max(initial=0)))
     order = _epoch_order(ids, sizes, config, width, seed=seed, round_index=round_index)
     index = np.full((len(ids), chunk.steps * bsz), -1, np.int64)
-    # Each epoch fills ceil(n / B) steps; the rest of the bucket's steps stay padding.
-    spe = -(-sizes // bsz)
+    # Each epoch fills ceil(n / B) steps (floor with drop_remainder); the rest of the bucket's
+    # steps stay padding.
+    spe = client_steps(sizes, config) // epochs
     for e in range(epochs):
-        for j in range(width // bsz):
+        for j in range(per_epoch):
             step = e * spe + j
             ok = (j < spe) & (step < chunk.steps)
             r = np.flatnonzero(ok)

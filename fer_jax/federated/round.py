@@ -37,11 +37,12 @@ from jax.sharding import PartitionSpec as P
 
 from fer_jax.federated import aggregate, partial, sampling
 from fer_jax.federated import mesh as mesh_lib
+from fer_jax.federated import packing as packing_lib
 from fer_jax.federated.client import ClientMethod
 from fer_jax.federated.packing import CohortPlan, PackingConfig, materialize_chunk, plan_cohort
 from fer_jax.federated.population import Population
 
-WEIGHTINGS = ("num_examples", "uniform")
+WEIGHTINGS = ("num_examples", "client_size", "uniform")
 ON_NONFINITE = ("raise", "drop")
 
 
@@ -118,7 +119,6 @@ class ClientSpec:
     param_filter: partial.ParamFilter
     backend: RoundBackend
     mesh: Mesh
-    weighting: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,10 +243,9 @@ def _client_update(spec: ClientSpec, variables, local, c, rkey):
     return _client_finish(spec, variables, state, metrics)
 
 
-def _weights(spec: ClientSpec, num_examples, client_ids):
-    live = (num_examples > 0) & (client_ids >= 0)
-    w = num_examples.astype(jnp.float32) if spec.weighting == "num_examples" else 1.0
-    return jnp.where(live, w, 0.0)
+def _weights(ids):
+    """The aggregation weights of a group of clients (chosen on the host; 0 for padding)."""
+    return jnp.where(ids["client_ids"] >= 0, ids["weight"], 0.0)
 
 
 def _over_clients(spec: ClientSpec, one, carry, xs, reduce=None):
@@ -280,12 +279,12 @@ def _accumulate(spec: ClientSpec, accum, clients, finished):
     `accum` ([1, ...] here).
 
     clients: a tuple of per-client inputs with a leading [n] axis whose first element is
-    {'client_ids', 'num_examples'}; finished(*one_client) -> (delta, new_local, metrics,
+    {'client_ids', 'num_examples', 'weight'}; finished(*one_client) -> (delta, new_local, metrics,
     finite). Returns (accum, (new_local, metrics, finite) with a leading [n] axis)."""
 
     def reduce(carry, g, out):
         delta, new_local, metrics, finite = out
-        w = _weights(spec, g[0]["num_examples"], g[0]["client_ids"])
+        w = _weights(g[0])
         use = jnp.where(finite, w, 0.0)
         d_sum, w_sum = aggregate.weighted_sum(delta, use)
         bad = jnp.sum((~finite) & (w > 0)).astype(jnp.int32)
@@ -303,7 +302,7 @@ def _accumulate(spec: ClientSpec, accum, clients, finished):
 def _device_chunk(spec: ClientSpec, accum, state, chunk, local, key):
     """This device's K/D clients of a chunk: whole client updates into its partial sums."""
     rkey = sampling.round_key(key, state.round)
-    ids = {"client_ids": chunk["client_ids"], "num_examples": chunk["num_examples"]}
+    ids = {n: chunk[n] for n in CLIENT_FIELDS}
 
     def one(_ids, c, local_c):
         return _client_update(spec, state.variables, local_c, c, rkey)
@@ -318,6 +317,7 @@ def _clients_sharded(spec: ClientSpec, fn, in_specs, out_specs):
 
 
 _C = P(mesh_lib.CLIENTS)
+CLIENT_FIELDS = ("client_ids", "num_examples", "weight")
 
 
 @functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("accum",))
@@ -325,8 +325,9 @@ def client_chunk(accum, state, chunk, local, key, *, spec: ClientSpec):
     """Adds one chunk's weighted client deltas into `accum` (donated; each device its own row).
 
     chunk: {'data': {k: [K, S, B, ...]}, 'mask': [K, S, B], 'client_ids': [K],
-    'num_examples': [K]} (with tail batches [K, E, S, B, ...] data and mask plus 'tail_data' /
-    'tail_mask' [K, E, T, ...]) sharded over 'clients'; local: the clients' LOCAL subtrees [K, ...].
+    'num_examples': [K], 'weight': [K] float32 aggregation weights} (with tail batches
+    [K, E, S, B, ...] data and mask plus 'tail_data' / 'tail_mask' [K, E, T, ...]) sharded over
+    'clients'; local: the clients' LOCAL subtrees [K, ...].
     Returns (accum, (new_local [K, ...], metric sums {k: [K]}, finite [K])).
     """
     fn = _clients_sharded(spec, _device_chunk, (_C, P(), _C, _C, P()), (_C, _C))
@@ -346,7 +347,8 @@ def _device_begin(spec: ClientSpec, state, clients, local, key):
 @functools.partial(jax.jit, static_argnames=("spec",))
 def client_begin(state, clients, local, key, *, spec: ClientSpec):
     """Segmented rounds: each client's initial method state and step key, [K, ...] over
-    'clients'. clients: {'client_ids', 'num_examples'} [K]; local: LOCAL subtrees [K, ...]."""
+    'clients'. clients: {'client_ids', 'num_examples', 'weight'} [K]; local: LOCAL subtrees
+    [K, ...]."""
     return _clients_sharded(spec, _device_begin, (P(), _C, _C, P()), _C)(state, clients, local,
                                                                           key)
 
@@ -438,6 +440,13 @@ def server_update(state: ServerState, accum: Accumulator, *, spec: ServerSpec):
     return _tree_where(ok, new, state), ok
 
 
+def _chunk_weights(chunk_plan, rows) -> np.ndarray:
+    """This process's rows of a chunk's aggregation weights (a hand-built chunk without weights:
+    its client sizes)."""
+    w = chunk_plan.num_examples if chunk_plan.weights is None else chunk_plan.weights
+    return w[rows].astype(np.float32)
+
+
 @dataclasses.dataclass
 class RoundResult:
     """Host-side report of one round (NumPy / Python values)."""
@@ -466,8 +475,9 @@ class FederatedEngine:
                  packing: PackingConfig | None = None, backend: RoundBackend | None = None,
                  weighting: str = "num_examples", on_nonfinite: str = "raise",
                  mesh: Mesh | None = None):
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting {weighting!r} is not one of {WEIGHTINGS}")
+        if not (callable(weighting) or weighting in WEIGHTINGS):
+            raise ValueError(f"weighting {weighting!r} is not one of {WEIGHTINGS} or a function of"
+                             " the client sizes")
         if on_nonfinite not in ON_NONFINITE:
             raise ValueError(f"on_nonfinite {on_nonfinite!r} is not one of {ON_NONFINITE}")
         packing = PackingConfig() if packing is None else packing
@@ -478,7 +488,8 @@ class FederatedEngine:
             raise ValueError(f"clients_per_call={packing.clients_per_call} must be a multiple of "
                              f"devices ({mesh.devices.size}) x vmap_width ({backend.vmap_width})")
         self.packing = packing
-        self.spec = ClientSpec(method, param_filter, backend, mesh, weighting)
+        self.weighting = weighting
+        self.spec = ClientSpec(method, param_filter, backend, mesh)
         self.server_spec = ServerSpec(server_optimizer or aggregate.server_optimizer("fedavg"),
                                       param_filter, on_nonfinite)
 
@@ -511,7 +522,30 @@ class FederatedEngine:
         ids = np.asarray(client_ids, dtype=np.int64)
         if ids.size == 0:
             raise ValueError("empty cohort: no client ids given")
-        return plan_cohort(ids, population.sizes(ids), self.packing)
+        sizes = population.sizes(ids)
+        return plan_cohort(ids, sizes, self.packing, self.client_weights(sizes))
+
+    def client_weights(self, sizes) -> np.ndarray:
+        """Aggregation weights of clients of `sizes` examples (0 for empty clients).
+
+        'num_examples': the examples a client trains per epoch (its size, its full batches with
+        drop_remainder); 'client_size': its size whatever it trains (fedjax's FedAvg weight); a
+        client that trains nothing then adds weight but no delta; 'uniform': 1; a function:
+        weighting(sizes) -> [C] weights >= 0.
+        """
+        sizes = np.asarray(sizes, dtype=np.int64)
+        if callable(self.weighting):
+            w = np.asarray(self.weighting(sizes), dtype=np.float64)
+            if w.shape != sizes.shape or np.any(w < 0) or not np.all(np.isfinite(w)):
+                raise ValueError(f"weighting function must return {sizes.shape[0]} finite weights "
+                                 f">= 0, got shape {w.shape}: {w[:5]}")
+        elif self.weighting == "num_examples":
+            w = packing_lib.trained_examples(sizes, self.packing).astype(np.float64)
+        elif self.weighting == "client_size":
+            w = sizes.astype(np.float64)
+        else:
+            w = np.ones(sizes.shape)
+        return np.where(sizes > 0, w, 0.0)
 
     def run_round(self, state: ServerState, population: Population, plan: CohortPlan,
                   key: jax.Array, *, seed: int = 0, local_store=None):
@@ -534,9 +568,12 @@ class FederatedEngine:
         devices = self.mesh.devices.size
         mine = mesh_lib.process_rows(self.mesh, devices)
         rows_here = mine.stop - mine.start
+        weight0 = np.zeros(rows_here, np.float32)
+        if mine.start == 0:  # clients that train nothing: weight, no delta (drop_remainder)
+            weight0[0] = plan.idle_weight
         accum = mesh_lib.shard_clients(Accumulator(
             jax.tree.map(lambda x: np.zeros((rows_here,) + x.shape, np.float32), fed),
-            np.zeros(rows_here, np.float32), np.zeros(rows_here, np.int32)), self.mesh, devices)
+            weight0, np.zeros(rows_here, np.int32)), self.mesh, devices)
         key = mesh_lib.replicate(np.asarray(key), self.mesh)
         k = self.packing.clients_per_call
         rows = mesh_lib.process_rows(self.mesh, k)
@@ -547,7 +584,8 @@ class FederatedEngine:
             local = local_store.gather(packed.client_ids) if has_local else {}
             chunk = {"data": packed.data, "mask": packed.mask,
                      "client_ids": packed.client_ids.astype(np.int32),
-                     "num_examples": packed.num_examples.astype(np.int32)}
+                     "num_examples": packed.num_examples.astype(np.int32),
+                     "weight": _chunk_weights(chunk_plan, rows)}
             if packed.tail_mask is not None:
                 chunk.update(tail_data=packed.tail_data, tail_mask=packed.tail_mask)
             if self.spec.backend.steps_per_call:
@@ -569,7 +607,7 @@ class FederatedEngine:
     def _segmented_chunk(self, accum, state, packed, chunk, local, key):
         """One chunk as client_begin, client_steps per segment of steps, client_end."""
         k = self.packing.clients_per_call
-        clients = {n: chunk[n] for n in ("client_ids", "num_examples")}
+        clients = {n: chunk[n] for n in CLIENT_FIELDS}
         clients, local = mesh_lib.shard_clients((clients, local), self.mesh, k)
         carry = client_begin(state, clients, local, key, spec=self.spec)
         metrics = None
