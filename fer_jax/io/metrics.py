@@ -50,6 +50,34 @@ class MetricWriter:
                         self._tb.add_scalar(key, value, int(step))
             self._tb.flush()
 
+    def truncate_after(self, step: int) -> int:
+        """Drops the records with step > `step`; returns how many lines went.
+
+        Call it right after resuming from the checkpoint of `step` (0 for a fresh start): a
+        killed run logged steps past its last checkpoint, and the resumed run logs them again.
+        A line cut short by the kill is dropped too. TensorBoard gets the same cut
+        (tensorboardX `purge_step`).
+        """
+        if not self.active:
+            return 0
+        self._jsonl.flush()
+        path = self.workdir / "metrics.jsonl"
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        keep = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+        dropped = sum(1 for line in lines if line.strip()) - len(keep)
+        if dropped:
+            self._jsonl.close()
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(keep), encoding="utf-8")
+            tmp.replace(path)
+            self._jsonl = open(path, "a", encoding="utf-8")
+            if self._tb is not None:
+                from tensorboardX import SummaryWriter
+
+                self._tb.close()
+                self._tb = SummaryWriter(str(self.workdir / "tb"), purge_step=int(step) + 1)
+        return dropped
+
     def write_json(self, name: str, payload) -> None:
         """Writes `workdir/name` (e.g. 'config.json', 'eval.json'), pretty-printed."""
         if self.active:
@@ -61,6 +89,14 @@ class MetricWriter:
             self._jsonl.close()
             if self._tb is not None:
                 self._tb.close()
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a blank or cut-short one."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def read_jsonl(path: str | pathlib.Path) -> list[dict]:
