@@ -3,6 +3,8 @@
 `parse_arg('runlocal,data=ckplus48', runlocal=False, data='synthetic')` turns the text after
 the colon of `--config=configs/x.py:ARGS` into a ConfigDict of typed values (big_vision style):
 a bare word sets a boolean to True, `k=v` sets a value converted to the default's type.
+`data_config`, `train_config` and `fed_config` are the blocks every training config shares;
+`mode` (centralized | federated) picks which of `train` / `fed` a run trains with.
 """
 
 from __future__ import annotations
@@ -32,3 +34,78 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
             except ValueError as e:
                 raise ValueError(f"config argument {key}={value!r} is not a {kind.__name__}") from e
     return result
+
+
+MODES = ("centralized", "federated")
+
+
+def data_config(name: str, *, runlocal: bool = False) -> ml_collections.ConfigDict:
+    """The `data` block shared by every experiment config."""
+    data = ml_collections.ConfigDict()
+    data.name = name
+    # Folder with the raw files (TFDS manual_dir); '' = $FER_JAX_DATA/<dataset> or
+    # ../shared/data/<dataset> relative to the working directory.
+    data.manual_dir = ""
+    data.data_dir = ""  # Where TFDS writes prepared array_record files; '' = ~/tensorflow_datasets.
+    data.image_size = 48  # Model input size; images are resized on device when they differ.
+    data.channels = 1  # 1 = gray, 3 = RGB (gray sources are repeated).
+    data.train_split = "train"
+    data.eval_split = "test"
+    data.val_split = "validation" if name in ("fer2013", "ferplus") else ""
+    data.num_folds = 10  # CK+48: subject-wise k-fold.
+    data.fold = 0
+    data.synthetic = ml_collections.ConfigDict(dict(
+        num_subjects=16 if runlocal else 80,
+        images_per_class=6 if runlocal else 20,
+        test_subjects=4 if runlocal else 20,
+        seed=0,
+    ))
+    return data
+
+
+def train_config(**overrides) -> ml_collections.ConfigDict:
+    """The centralized `train` block (optimizer, schedule, length); `overrides` replace keys."""
+    train = ml_collections.ConfigDict()
+    train.batch_size = 64
+    train.num_epochs = 30
+    train.num_steps = 0  # > 0 overrides num_epochs.
+    train.optimizer = "adamw"  # adam | adamw | sgd (momentum 0.9, nesterov)
+    train.learning_rate = 1e-3
+    train.weight_decay = 1e-4
+    train.schedule = "cosine"  # cosine | constant
+    train.warmup_epochs = 1.0
+    train.update(overrides)
+    return train
+
+
+def fed_config(data: str = "synthetic", **overrides) -> ml_collections.ConfigDict:
+    """The `fed` block: partition, rounds, server and client optimizers, engine layout.
+
+    Backend knobs (WORKSPACE.md, "Federated engine"): clients_per_call (clients per jitted
+    chunk, rounded up to devices x vmap_width), vmap_width (clients computed together; 1 on
+    CPU, wide on GPU/TPU), unroll (unrolled local-step scans; convolutions on XLA:CPU want it),
+    tail_multiple (an epoch's last batch as its own step of ceil(rows / m) * m rows; 0 = pad to
+    the batch size), steps_per_call (> 0: local steps in calls of at most this many).
+    """
+    fed = ml_collections.ConfigDict()
+    fed.partition = "subject" if data in ("synthetic", "ckplus48") else "dirichlet"
+    fed.num_clients = 100  # iid / dirichlet only; 'subject' gives one client per subject.
+    fed.dirichlet_alpha = 0.5
+    fed.rounds = 100
+    fed.cohort_size = 10
+    fed.server_optimizer = "fedavg"  # fedavg | fedavgm | fedadam | fedyogi
+    fed.server_learning_rate = 0.0  # 0 = the optimizer's default (1.0 for fedavg/fedavgm).
+    fed.client_optimizer = "sgd"  # sgd | adam
+    fed.client_learning_rate = 0.05
+    fed.client_momentum = 0.0
+    fed.local_epochs = 1
+    fed.batch_size = 16
+    fed.weighting = "num_examples"  # num_examples | uniform
+    fed.prox_mu = 0.0  # > 0: FedProx
+    fed.clients_per_call = 1
+    fed.tail_multiple = 4
+    fed.vmap_width = 1
+    fed.unroll = True
+    fed.steps_per_call = 0
+    fed.update(overrides)
+    return fed

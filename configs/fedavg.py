@@ -9,7 +9,8 @@ CK+48, one client per subject:
   python -m fer_jax.main --config=configs/fedavg.py:data=ckplus48 --workdir=/tmp/fedavg_ck
 
 Arguments: runlocal, data=synthetic|fer2013|ferplus|ckplus48, partition=subject|iid|dirichlet,
-model=small_cnn|resnet18|...
+model=small_cnn|resnet18|..., mode=federated|centralized (centralized = the same model, data and
+augmentation trained on the pooled set with the `train` block: the federated run's twin).
 Backend knobs (see WORKSPACE.md, "Federated engine"): fed.clients_per_call (clients per jitted
 chunk), fed.vmap_width (clients computed together by vmap; 1 on CPU, wide on GPU/TPU),
 fed.unroll (unroll local-step scans; needed for convolutions on XLA:CPU), fed.tail_multiple (the
@@ -24,16 +25,16 @@ per 100-client small-CNN round on 2 cores (WORKSPACE.md, section 9).
 import ml_collections
 
 from configs import common
-from configs.supervised import data_config
 
 
 def get_config(arg=None):
     arg = common.parse_arg(arg, runlocal=False, data="synthetic", partition="",
-                           model="small_cnn")
+                           model="small_cnn", mode="federated")
     config = ml_collections.ConfigDict()
-    config.experiment = "fedavg"
+    config.experiment = "supervised"
+    config.mode = arg.mode
     config.seed = 0
-    config.data = data_config(arg.data, runlocal=arg.runlocal)
+    config.data = common.data_config(arg.data, runlocal=arg.runlocal)
     config.data.val_split = ""
     if arg.model != "small_cnn":
         config.data.image_size, config.data.channels = 96, 3
@@ -44,41 +45,26 @@ def get_config(arg=None):
     config.model.kwargs = ml_collections.ConfigDict(
         {"norm": "none", "dropout": 0.3} if arg.model == "small_cnn" else {})
 
-    fed = config.fed = ml_collections.ConfigDict()
-    fed.partition = arg.partition or ("subject" if arg.data in ("synthetic", "ckplus48")
-                                      else "dirichlet")
-    fed.num_clients = 100  # iid / dirichlet only; 'subject' gives one client per subject.
-    fed.dirichlet_alpha = 0.5
-    fed.rounds = 100
-    fed.cohort_size = 10
-    fed.server_optimizer = "fedavg"  # fedavg | fedavgm | fedadam | fedyogi
-    fed.server_learning_rate = 0.0  # 0 = the optimizer's default (1.0 for fedavg/fedavgm).
-    fed.client_optimizer = "sgd"  # sgd | adam
-    fed.client_learning_rate = 0.05
-    fed.client_momentum = 0.0
-    fed.local_epochs = 1
-    fed.batch_size = 16
-    fed.weighting = "num_examples"  # num_examples | uniform
-    fed.prox_mu = 0.0  # > 0: FedProx
-    fed.clients_per_call = 1
-    # Each epoch's last batch gets its own step of ceil(rows / 4) * 4 rows instead of a padded
-    # full batch (0 = pad to batch_size). Same training, less padded compute; more compiled shapes.
-    fed.tail_multiple = 4
-    fed.vmap_width = 1
-    fed.unroll = True
-    fed.steps_per_call = 0  # > 0: a client's local steps in calls of at most this many
+    config.fed = common.fed_config(arg.data)
+    if arg.partition:
+        config.fed.partition = arg.partition
+    config.train = common.train_config(batch_size=16, num_epochs=10, class_weights="none")
 
     config.augment = ml_collections.ConfigDict(dict(
         flip=0.5, rotate_deg=10.0, scale=0.1, translate=0.1, brightness=0.2, contrast=0.2))
     config.eval_every_rounds = 10
     config.eval_batch_size = 256
     config.checkpoint_every_rounds = 10
+    config.log_every_steps = 50
+    config.eval_every_steps = 0  # 0 = once per epoch.
+    config.checkpoint_every_steps = 500
 
     if arg.runlocal:
-        fed.rounds = 30
-        fed.cohort_size = 6
-        config.eval_every_rounds = 10
-        config.checkpoint_every_rounds = 10
+        config.fed.rounds = 30
+        config.fed.cohort_size = 6
+        config.train.num_epochs = 3
+        config.log_every_steps = 10
+        config.checkpoint_every_steps = 20
         config.model.kwargs.widths = (16, 32, 64)
     return config
 

@@ -9,7 +9,9 @@ CK+48, fold 3 of a subject-wise 10-fold split, ResNet-18 on 96x96x3:
       --config.data.fold=3 --workdir=/tmp/ck
 
 Arguments (after the colon, comma separated): runlocal (tiny, for smoke tests), data=
-synthetic|fer2013|ferplus|ckplus48, model=small_cnn|resnet18|resnet50|resnet50v2|mobilenetv2.
+synthetic|fer2013|ferplus|ckplus48, model=small_cnn|resnet18|resnet50|resnet50v2|mobilenetv2,
+mode=centralized|federated (federated = the same method with FedAvg over `fed`; the defaults
+of configs/fedavg.py are the tuned federated setting).
 """
 
 import ml_collections
@@ -28,40 +30,18 @@ _MODEL_KWARGS = {
 }
 
 
-def data_config(name: str, *, runlocal: bool = False) -> ml_collections.ConfigDict:
-    """The `data` block shared by every experiment config."""
-    data = ml_collections.ConfigDict()
-    data.name = name
-    # Folder with the raw files (TFDS manual_dir); '' = $FER_JAX_DATA/<dataset> or
-    # ../shared/data/<dataset> relative to the working directory.
-    data.manual_dir = ""
-    data.data_dir = ""  # Where TFDS writes prepared array_record files; '' = ~/tensorflow_datasets.
-    data.image_size = 48  # Model input size; images are resized on device when they differ.
-    data.channels = 1  # 1 = gray, 3 = RGB (gray sources are repeated).
-    data.train_split = "train"
-    data.eval_split = "test"
-    data.val_split = "validation" if name in ("fer2013", "ferplus") else ""
-    data.num_folds = 10  # CK+48: subject-wise k-fold.
-    data.fold = 0
-    data.synthetic = ml_collections.ConfigDict(dict(
-        num_subjects=16 if runlocal else 80,
-        images_per_class=6 if runlocal else 20,
-        test_subjects=4 if runlocal else 20,
-        seed=0,
-    ))
-    return data
-
-
 def get_config(arg=None):
-    arg = common.parse_arg(arg, runlocal=False, data="synthetic", model="small_cnn")
+    arg = common.parse_arg(arg, runlocal=False, data="synthetic", model="small_cnn",
+                           mode="centralized")
     if arg.model not in _MODEL_KWARGS:
         raise ValueError(f"config argument model={arg.model!r}; expected one of "
                          f"{sorted(_MODEL_KWARGS)}")
     config = ml_collections.ConfigDict()
     config.experiment = "supervised"
+    config.mode = arg.mode
     config.seed = 0
 
-    config.data = data_config(arg.data, runlocal=arg.runlocal)
+    config.data = common.data_config(arg.data, runlocal=arg.runlocal)
     if arg.model != "small_cnn":
         config.data.image_size, config.data.channels = 96, 3
 
@@ -69,16 +49,10 @@ def get_config(arg=None):
     config.model.name = arg.model
     config.model.kwargs = ml_collections.ConfigDict(_MODEL_KWARGS[arg.model])
 
-    config.train = ml_collections.ConfigDict()
-    config.train.batch_size = 64
-    config.train.num_epochs = 18 if arg.data in ("fer2013", "ferplus") else 30
-    config.train.num_steps = 0  # > 0 overrides num_epochs.
-    config.train.optimizer = "adamw"  # adam | adamw | sgd (momentum 0.9, nesterov)
-    config.train.learning_rate = 1e-3
-    config.train.weight_decay = 1e-4
-    config.train.schedule = "cosine"  # cosine | constant
-    config.train.warmup_epochs = 1.0
-    config.train.class_weights = "none"  # none | balanced (n / (K * n_k), IFER-style)
+    config.train = common.train_config(
+        num_epochs=18 if arg.data in ("fer2013", "ferplus") else 30,
+        class_weights="none")  # none | balanced (n / (K * n_k), IFER-style)
+    config.fed = common.fed_config(arg.data)
 
     config.augment = ml_collections.ConfigDict(dict(
         flip=0.5, rotate_deg=10.0, scale=0.1, translate=0.1, brightness=0.2, contrast=0.2))
@@ -86,6 +60,8 @@ def get_config(arg=None):
     config.log_every_steps = 50
     config.eval_every_steps = 0  # 0 = once per epoch.
     config.checkpoint_every_steps = 500
+    config.eval_every_rounds = 10
+    config.checkpoint_every_rounds = 10
     config.eval_batch_size = 256
     # Test-time augmentation: average the softmax of each image and its mirror image.
     config.eval_flip_tta = arg.data in ("fer2013", "ferplus")
@@ -93,11 +69,15 @@ def get_config(arg=None):
     if arg.runlocal:
         config.train.batch_size = 32
         config.train.num_epochs = 3
+        config.fed.rounds = 30
+        config.fed.cohort_size = 6
         config.log_every_steps = 10
         config.checkpoint_every_steps = 20
         config.model.kwargs = ml_collections.ConfigDict(
             dict(_MODEL_KWARGS[arg.model], **({"widths": (8, 16, 32, 64)}
                                               if arg.model == "small_cnn" else {})))
+    if arg.mode == "federated" and arg.model == "small_cnn":
+        config.model.kwargs.norm = "none"  # BatchNorm would mix padded client examples.
     return config
 
 

@@ -23,7 +23,7 @@ def _params(workdir):
 
 
 def test_fedavg_round_metrics_and_exact_resume(tmp_path, make_config):
-    from fer_jax.experiments import fedavg
+    from fer_jax.experiments import supervised as fedavg
     from fer_jax.io.metrics import read_jsonl
 
     config = make_config("fedavg", "runlocal", **BASE)
@@ -59,14 +59,14 @@ def test_fedavg_round_metrics_and_exact_resume(tmp_path, make_config):
     ("fed.tail_multiple", 17, "config.fed.tail_multiple=17"),
 ])
 def test_bad_values_name_the_field(field, value, message, make_config):
-    from fer_jax.experiments import fedavg
+    from fer_jax.experiments import supervised as fedavg
 
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
         fedavg.validate_config(make_config("fedavg", "runlocal", **BASE, **{field: value}))
 
 
 def test_subject_partition_needs_subject_ids(make_config):
-    from fer_jax.experiments import fedavg
+    from fer_jax.experiments import supervised as fedavg
 
     config = make_config("fedavg", "runlocal", **{**BASE, "data.name": "fer2013"})
     with pytest.raises(ValueError, match="iid or dirichlet"):

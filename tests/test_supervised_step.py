@@ -9,8 +9,8 @@ import optax
 import pytest
 
 from fer_jax import models
-from fer_jax.experiments import supervised
 from fer_jax.steps import supervised as steps
+from fer_jax.train import loops, optim
 
 
 def test_preprocess_scales_resizes_and_converts_channels():
@@ -27,19 +27,20 @@ def test_preprocess_scales_resizes_and_converts_channels():
 
 def test_balanced_class_weights_by_hand():
     # n = 6, K = 3: counts (3, 2, 1) -> weights 6/(3*3), 6/(3*2), 6/(3*1); an absent class -> 0.
-    w = supervised.balanced_class_weights(np.array([0, 0, 0, 1, 1, 2]), 4)
+    w = optim.balanced_class_weights(np.array([0, 0, 0, 1, 1, 2]), 4)
     np.testing.assert_allclose(w, [6 / 12, 6 / 8, 6 / 4, 0.0], rtol=1e-6)
 
 
-def test_epoch_order_visits_every_example_once_per_epoch():
-    order = supervised.EpochOrder(10, 3, seed=0)
+def test_pooled_order_visits_every_example_once_per_epoch():
+    order = loops.PooledOrder(10, 3, seed=0)
     assert order.steps_per_epoch == 3
     epoch0 = np.concatenate([order.indices(s) for s in range(3)])
     assert len(set(epoch0.tolist())) == 9  # Drop-remainder: 9 of 10 examples.
-    again = supervised.EpochOrder(10, 3, seed=0)
+    again = loops.PooledOrder(10, 3, seed=0)
     np.testing.assert_array_equal(again.indices(4), order.indices(4))  # Resume gives the same.
-    with pytest.raises(ValueError, match="fewer than train.batch_size"):
-        supervised.EpochOrder(2, 3, seed=0)
+    assert not np.array_equal(np.sort(order.indices(0)), np.sort(order.indices(3)))  # Reshuffled.
+    with pytest.raises(ValueError, match="fewer than the batch size 3"):
+        loops.PooledOrder(2, 3, seed=0)
 
 
 def test_train_step_fits_a_fixed_batch():

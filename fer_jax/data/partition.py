@@ -131,3 +131,15 @@ def dirichlet(labels: np.ndarray, num_clients: int, *, alpha: float, seed: int,
     raise ValueError(f"dirichlet: no draw in {max_tries} tries gave every one of {num_clients} "
                      f"clients >= {min_size} examples (alpha={alpha}, {len(labels)} examples); "
                      "raise alpha, lower min_size or num_clients")
+
+
+def from_config(fed, split, *, seed: int, dataset_name: str = "") -> Partition:
+    """The partition a config's `fed` block asks for (partition, num_clients, dirichlet_alpha)."""
+    if fed.partition == "subject":
+        if split.subjects is None:
+            raise ValueError(f"config.fed.partition='subject' but dataset {dataset_name!r} has no "
+                             "subject ids; use fed.partition=iid or dirichlet")
+        return by_subject(split.subjects)
+    if fed.partition == "iid":
+        return iid(len(split), fed.num_clients, seed=seed)
+    return dirichlet(split.labels, fed.num_clients, alpha=fed.dirichlet_alpha, seed=seed)

@@ -43,6 +43,19 @@ def preprocess(images: jax.Array, *, image_size: int, channels: int) -> jax.Arra
     raise ValueError(f"cannot convert {c}-channel images to {channels} channels")
 
 
+def image_apply(model, *, image_size: int, channels: int, augment: AugmentConfig | None):
+    """model.apply on uint8 images: preprocess, then (training only) augment on device with a
+    key folded from the dropout key. The `apply_fn` of `fl.classifier_loss`."""
+
+    def apply(variables, images, *, rngs, **kwargs):
+        x = preprocess(images, image_size=image_size, channels=channels)
+        if augment is not None:
+            x = augment_batch(jax.random.fold_in(rngs["dropout"], 1), x, augment)
+        return model.apply(variables, x, rngs=rngs, **kwargs)
+
+    return apply
+
+
 def init_state(model, tx: optax.GradientTransformation, *, seed: int,
                input_shape: tuple[int, int, int]) -> TrainState:
     rng = jax.random.PRNGKey(seed)

@@ -1,0 +1,119 @@
+"""The engine from a config's `fed` block: one validator, one builder, one rule for devices.
+
+Every experiment builds its engines here, so every knob means the same thing everywhere:
+  fed.server_optimizer / fed.server_learning_rate   the server's optax optimizer (0 = default)
+  fed.client_optimizer / fed.client_learning_rate / fed.client_momentum
+  fed.batch_size, fed.local_epochs, fed.tail_multiple   packing
+  fed.clients_per_call, fed.vmap_width, fed.unroll, fed.steps_per_call   the backend
+  fed.weighting, fed.prox_mu
+The rule for devices: every device of the 'clients' mesh takes at least `vmap_width` clients per
+call, so clients_per_call is rounded up to a multiple of devices x vmap_width (logged). A
+config without a key gets the default of `fed_defaults()` (configs/common.py writes the same).
+"""
+
+from __future__ import annotations
+
+import jax
+import optax
+from absl import logging
+
+from fer_jax.federated import aggregate, packing, partial
+from fer_jax.federated.client import ClientMethod
+from fer_jax.federated.round import WEIGHTINGS, FederatedEngine, RoundBackend
+
+PARTITIONS = ("subject", "iid", "dirichlet")
+SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
+CLIENT_OPTIMIZERS = ("sgd", "adam")
+
+
+def fed_defaults() -> dict:
+    """Every key of a `fed` block and its default (configs/common.py:fed_config mirrors it)."""
+    return dict(partition="subject", num_clients=100, dirichlet_alpha=0.5, rounds=100,
+                cohort_size=10, server_optimizer="fedavg", server_learning_rate=0.0,
+                client_optimizer="sgd", client_learning_rate=0.05, client_momentum=0.0,
+                local_epochs=1, batch_size=16, weighting="num_examples", prox_mu=0.0,
+                clients_per_call=1, tail_multiple=0, vmap_width=1, unroll=True,
+                steps_per_call=0)
+
+
+def _get(fed, name):
+    return fed.get(name, fed_defaults()[name]) if hasattr(fed, "get") else getattr(fed, name)
+
+
+def validate(config, check, *, partitions: bool = True) -> None:
+    """Checks `config.fed` (check(ok, 'fed.x', expected) raises naming the field)."""
+    fed = config.fed
+    if partitions:
+        check(_get(fed, "partition") in PARTITIONS, "fed.partition", f"one of {PARTITIONS}")
+        check(_get(fed, "partition") != "subject" or config.data.name in ("synthetic", "ckplus48"),
+              "fed.partition", "iid or dirichlet for datasets without subject ids (FER-2013)")
+        check(_get(fed, "num_clients") >= 1, "fed.num_clients", ">= 1")
+        check(_get(fed, "dirichlet_alpha") > 0, "fed.dirichlet_alpha", "> 0")
+    for name in ("rounds", "cohort_size", "batch_size", "local_epochs", "clients_per_call",
+                 "vmap_width"):
+        if name in fed:
+            check(fed[name] >= 1, f"fed.{name}", ">= 1")
+    check(_get(fed, "server_optimizer") in SERVER_OPTIMIZERS, "fed.server_optimizer",
+          f"one of {SERVER_OPTIMIZERS}")
+    check(_get(fed, "server_learning_rate") >= 0, "fed.server_learning_rate",
+          ">= 0 (0 = the server optimizer's default)")
+    check(_get(fed, "client_optimizer") in CLIENT_OPTIMIZERS, "fed.client_optimizer",
+          f"one of {CLIENT_OPTIMIZERS}")
+    check(_get(fed, "client_learning_rate") > 0, "fed.client_learning_rate", "> 0")
+    check(_get(fed, "weighting") in WEIGHTINGS, "fed.weighting", f"one of {WEIGHTINGS}")
+    check(_get(fed, "prox_mu") >= 0, "fed.prox_mu", ">= 0")
+    check(_get(fed, "steps_per_call") >= 0, "fed.steps_per_call", ">= 0 (0 = one call)")
+    batch = _get(fed, "batch_size")
+    check(0 <= _get(fed, "tail_multiple") <= batch, "fed.tail_multiple",
+          f"in [0, fed.batch_size={batch}] (0 = pad the last batch to the batch size)")
+
+
+def client_optimizer(fed) -> optax.GradientTransformation:
+    lr = _get(fed, "client_learning_rate")
+    if _get(fed, "client_optimizer") == "adam":
+        return optax.adam(lr)
+    return optax.sgd(lr, momentum=_get(fed, "client_momentum") or None)
+
+
+def server_optimizer(fed) -> optax.GradientTransformation:
+    lr = _get(fed, "server_learning_rate")
+    return aggregate.server_optimizer(_get(fed, "server_optimizer"),
+                                      **({"learning_rate": lr} if lr > 0 else {}))
+
+
+def clients_per_call(fed, devices: int | None = None) -> int:
+    """fed.clients_per_call rounded up to a multiple of devices x vmap_width."""
+    unit = (jax.device_count() if devices is None else devices) * _get(fed, "vmap_width")
+    wanted = _get(fed, "clients_per_call")
+    per_call = -(-wanted // unit) * unit
+    if per_call != wanted:
+        logging.info("fed.clients_per_call %d -> %d (a multiple of %d devices x vmap_width %d)",
+                     wanted, per_call, unit // _get(fed, "vmap_width"), _get(fed, "vmap_width"))
+    return per_call
+
+
+def step_buckets(fed, max_client_size: int) -> tuple[int, ...]:
+    """The default step buckets, grown to fit the largest client of the run."""
+    batch, tail = _get(fed, "batch_size"), _get(fed, "tail_multiple")
+    most = _get(fed, "local_epochs") * -(-max_client_size // batch)
+    if tail:  # buckets then bound the full steps of one epoch (0 always allowed)
+        most = max(-(-max_client_size // batch) - 1, 1)
+    return tuple(b for b in packing.DEFAULT_STEP_BUCKETS if b < most) + (most,)
+
+
+def build_engine(fed, method: ClientMethod, *, max_client_size: int,
+                 param_filter: partial.ParamFilter = partial.federate_all,
+                 mesh=None) -> FederatedEngine:
+    """The engine of `method` with every knob of `fed` honoured."""
+    devices = None if mesh is None else mesh.devices.size
+    return FederatedEngine(
+        method, server_optimizer=server_optimizer(fed), param_filter=param_filter,
+        packing=packing.PackingConfig(
+            batch_size=_get(fed, "batch_size"), local_epochs=_get(fed, "local_epochs"),
+            clients_per_call=clients_per_call(fed, devices),
+            step_buckets=step_buckets(fed, max_client_size),
+            tail_multiple=_get(fed, "tail_multiple")),
+        backend=RoundBackend(vmap_width=_get(fed, "vmap_width"), step_unroll=_get(fed, "unroll"),
+                             group_unroll=_get(fed, "unroll"),
+                             steps_per_call=_get(fed, "steps_per_call")),
+        weighting=_get(fed, "weighting"), mesh=mesh)

@@ -1,0 +1,62 @@
+"""Config validation shared by the experiments: one checker, one check per shared block.
+
+Every check runs in `fer_jax.main` before data, models or devices are touched and raises
+ValueError("config.a.b=<value>: expected ...") for the first bad field.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from fer_jax import data as data_lib
+from fer_jax import models
+from fer_jax.data.augment import AugmentConfig
+from fer_jax.federated import config as fed_config
+from fer_jax.train import optim
+
+MODES = ("centralized", "federated")
+
+
+def checker(config):
+    """check(ok, 'a.b', expected) raises ValueError("config.a.b=<value>: expected ...")."""
+
+    def check(ok, field, expected):
+        if not ok:
+            value = functools.reduce(getattr, field.split("."), config)
+            raise ValueError(f"config.{field}={value!r}: expected {expected}")
+
+    return check
+
+
+def data_model(config, check, *, model_names=None) -> None:
+    """The data, model and augment blocks (model.name against `model_names` or the zoo)."""
+    names = sorted(model_names if model_names is not None else models.MODELS)
+    check(config.data.name in data_lib.DATASETS, "data.name", f"one of {sorted(data_lib.DATASETS)}")
+    check(config.data.image_size >= 16, "data.image_size", "an image size >= 16")
+    check(config.data.channels in (1, 3), "data.channels", "1 or 3")
+    check(config.model.name in names, "model.name", f"one of {names}")
+    if "augment" in config:
+        AugmentConfig(**config.augment)  # Raises on bad ranges, naming the field.
+
+
+def train_block(config, check) -> None:
+    """The centralized `train` block: batch, length, optimizer, schedule."""
+    train = config.train
+    check(train.batch_size >= 1, "train.batch_size", "a positive batch size")
+    check(train.num_epochs > 0 or train.num_steps > 0, "train.num_epochs",
+          "> 0 (or train.num_steps > 0)")
+    check(train.learning_rate > 0, "train.learning_rate", "a positive learning rate")
+    check(train.optimizer in optim.OPTIMIZERS, "train.optimizer", f"one of {optim.OPTIMIZERS}")
+    check(train.schedule in optim.SCHEDULES, "train.schedule", f"one of {optim.SCHEDULES}")
+    check(config.checkpoint_every_steps >= 1, "checkpoint_every_steps", ">= 1")
+    check(config.log_every_steps >= 1, "log_every_steps", ">= 1")
+
+
+def mode(config, check, *, partitions: bool = True) -> None:
+    """`config.mode` and the block it trains with: `train` (centralized) or `fed` (federated)."""
+    check(config.mode in MODES, "mode", f"one of {MODES}")
+    if config.mode == "centralized":
+        train_block(config, check)
+    else:
+        fed_config.validate(config, check, partitions=partitions)
+        check(config.checkpoint_every_rounds >= 1, "checkpoint_every_rounds", ">= 1")

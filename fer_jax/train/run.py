@@ -1,0 +1,76 @@
+"""`Run`: one training run's workdir (config.json, metrics, checkpoints) and its final report.
+
+A driver opens a Run, restores from it, saves into it, and ends with `finish`, which writes
+eval.json, the learning curve, and prints one summary line a newcomer can judge: the headline
+metric next to its chance level and where the outputs are. Only process 0 writes files.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+from absl import logging
+
+from fer_jax.evaluation import plots
+from fer_jax.io.checkpoint import Checkpointer
+from fer_jax.io.metrics import MetricWriter, read_jsonl
+
+
+class Run:
+    """The workdir of one run. `every`: checkpoint period in steps (or rounds)."""
+
+    def __init__(self, config, workdir: str | pathlib.Path, *, every: int):
+        self.config = config
+        self.workdir = pathlib.Path(workdir)
+        self.writer = MetricWriter(self.workdir)
+        self.writer.write_json("config.json", config.to_dict())
+        self.checkpointer = Checkpointer(self.workdir, every_steps=every,
+                                         max_to_keep=config.get("keep_checkpoints", 2))
+
+    def restore(self, state, *, place=None, unit: str = "step"):
+        """(state, start): the latest checkpoint (put on devices by `place`) or (state, 0)."""
+        state, start = self.checkpointer.restore_or(state)
+        if start:
+            state = place(state) if place is not None else state
+            logging.info("resumed from the checkpoint of %s %d in %s", unit, start,
+                         self.checkpointer.directory)
+        return state, start
+
+    def save(self, step: int, state, *, final: bool = False) -> None:
+        if final or self.checkpointer.should_save(step):
+            self.checkpointer.save(step, state)
+
+    def nonfinite(self, what: str) -> FloatingPointError:
+        """The error for a NaN/inf by `what`, naming the checkpoint a rerun resumes from."""
+        last = self.checkpointer.latest_step()
+        kept = (f"the last good checkpoint (step {last}) is kept in {self.checkpointer.directory}: "
+                "lower the learning rate or check the data, then rerun to resume from it"
+                if last is not None else
+                "no checkpoint was written yet: lower the learning rate or check the data")
+        return FloatingPointError(f"{what}; stopping. {kept}")
+
+    def finish(self, results: dict, *, metric: str, value: float, chance: float | None = None,
+               detail: str = "") -> dict:
+        """Writes eval.json and learning_curve.png, prints the summary line, closes the run."""
+        self.writer.write_json("eval.json", results)
+        files = ["eval.json", "metrics.jsonl"]
+        metrics_path = self.workdir / "metrics.jsonl"
+        if self.writer.active and metrics_path.exists():
+            name = f"{self.config.get('experiment', '')} ({self.config.get('mode', '')})"
+            plots.save_learning_curve(read_jsonl(metrics_path), self.workdir / "learning_curve.png",
+                                      title=f"{name} on {self.config.data.name}", chance=chance)
+            files.append("learning_curve.png")
+        files += sorted(p.name for p in self.workdir.glob("*.png") if p.name not in files)
+        vs = f" (chance {chance:.3f})" if chance is not None else ""
+        summary = (f"{metric} {value:.4f}{vs}{detail}. Outputs in {self.workdir}: "
+                   f"{', '.join(files)}")
+        logging.info("%s", summary)
+        if jax.process_index() == 0:
+            print(summary, flush=True)
+        self.close()
+        return results
+
+    def close(self) -> None:
+        self.checkpointer.close()
+        self.writer.close()
