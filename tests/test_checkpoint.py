@@ -11,7 +11,6 @@ from fer_jax.io import checkpoint as ckpt_lib
 from fer_jax.io.checkpoint import Checkpointer, NonFiniteStateError
 from fer_jax.io.metrics import MetricWriter, read_jsonl
 
-
 _NOISE = np.random.default_rng(0).uniform(-1, 1, (64, 32)).astype(np.float32)
 
 
@@ -84,7 +83,8 @@ def test_restore_refuses_a_non_finite_checkpoint_written_elsewhere(tmp_path):
     manager.wait_until_finished()
     manager.close()
     ckpt = Checkpointer(tmp_path, every_steps=1)
-    with pytest.raises(NonFiniteStateError, match="step 2 .* non-finite values in opt_state/nu, params/w"):
+    with pytest.raises(NonFiniteStateError,
+                       match="step 2 .* non-finite values in opt_state/nu, params/w"):
         ckpt.restore(_state(0.0), step=2)
     assert "(step 1)" in ckpt.describe_last_good()  # Checked by reading step 2 back.
     state, step = ckpt.restore_or(_state(0.0))  # Falls back past it and sets it aside.
