@@ -1,6 +1,8 @@
 r"""FER data preparation (Khodadadi, PAPERS.md section 4): split -> balance -> detect -> align ->
 normalize -> resize, with report.json / report.md and a TFDS array_record dataset in the workdir.
 
+Smoke test (48 embedded synthetic faces through every step, MTCNN included):
+  python -m fer_jax.main --config=configs/prepare.py:runlocal --workdir=/tmp/prep_local
 Run on a folder with one sub-folder per class (optional subject id in the file names):
   python -m fer_jax.main --config=configs/prepare.py:kind=folder,path=/tmp/ck144 \
       --config.input.subject_pattern='^(S\d+)_' --workdir=/tmp/prep
@@ -10,17 +12,18 @@ of fer_jax.data (kind=dataset,data=fer2013). Detect and align before splitting:
       --config=configs/prepare.py:kind=folder,path=/tmp/ck144,order=detect_first \
       --workdir=/tmp/prep2
 Then train on it: --config=configs/supervised.py:model=resnet18 --config.data.name=prepared \
-  --config.data.manual_dir=/tmp/prep   (once `prepared` is registered in fer_jax.data).
+  --config.data.manual_dir=/tmp/prep
 
 Arguments (after the colon, comma separated): kind, path, order=paper|detect_first, data=<name>
-(for kind=dataset). The order is explicit and can be given directly:
+(for kind=dataset), runlocal (the embedded synthetic faces as input, 6 subjects x 8 classes at
+96x96 RGB, kept to their subject-disjoint split, written as 48x48 gray like configs/supervised.py
+expects; kind, path and data are ignored). The order is explicit and can be given directly:
   --config.steps=split,balance,detect,align,normalize,resize
 """
 
 import ml_collections
 
 from configs import common
-from configs.supervised import data_config
 
 ORDERS = {
     "paper": "split,balance,detect,align,normalize,resize",
@@ -30,7 +33,8 @@ ORDERS = {
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, kind="folder", path="", order="paper", data="ckplus48")
+    arg = common.parse_arg(arg, runlocal=False, kind="folder", path="", order="paper",
+                           data="ckplus48")
     if arg.order not in ORDERS:
         raise ValueError(f"config argument order={arg.order!r}; expected one of {sorted(ORDERS)}")
     config = ml_collections.ConfigDict()
@@ -42,7 +46,7 @@ def get_config(arg=None):
     config.input.subject_pattern = ""  # Regex; group 1 = subject key ('^(S\d+)_' for CK+ names).
     config.input.rafdb_variant = "aligned"  # aligned | original
     config.input.crop_to_box = False  # AffectNet: crop the annotated face box before the steps.
-    config.input.data = data_config(arg.data)  # kind=dataset: any fer_jax.data dataset.
+    config.input.data = common.data_config(arg.data)  # kind=dataset: any fer_jax.data dataset.
     config.input.data.channels = 3
 
     config.steps = ORDERS[arg.order]  # Comma-separated, run in this order.
@@ -62,4 +66,12 @@ def get_config(arg=None):
     config.normalize = ml_collections.ConfigDict(dict(method="scale"))  # scale | minmax
     config.resize = ml_collections.ConfigDict(dict(size=96, channels=3))
     config.output = ml_collections.ConfigDict(dict(data_dir=""))  # '' = <workdir>/tfds
+
+    if arg.runlocal:
+        config.input.kind, config.input.path = "dataset", ""
+        config.input.data = common.data_config("synthetic", runlocal=True)
+        config.input.data.image_size, config.input.data.channels = 96, 3  # MTCNN-sized faces.
+        config.input.data.synthetic.update(num_subjects=6, images_per_class=1, test_subjects=2)
+        config.split.mode = "predefined"  # The generator's subject-disjoint train / test.
+        config.resize.size, config.resize.channels = 48, 1
     return config

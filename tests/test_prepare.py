@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fer_jax.data import classes, prepare
+from fer_jax.data import classes, prepare, readers
 from fer_jax.data.face import Face
 from fer_jax.experiments import prepare as driver
 
@@ -295,6 +295,70 @@ def test_driver_on_a_loaded_dataset(tmp_path, make_config):
     assert result["output"]["splits"] == {"train": 24, "test": 8}  # 8 classes x 3 / x 1.
     ds = prepare.load_prepared(manual_dir=tmp_path / "run")
     assert len(ds.class_names) == 8
+    assert not set(ds["test"].subjects) & set(ds["train"].subjects)
+
+
+
+def test_driver_on_gif_and_extensionless_files(tmp_path, make_config):
+    """Yale-style files: GIFs named '<subject>.<expression>', extensionless PNGs, an animated GIF
+    (first frame kept) and a text file, prepared end to end."""
+    root = tmp_path / "yale"
+    rng = np.random.default_rng(0)
+    first = {}
+    for folder in ("happy", "sad"):
+        (root / folder).mkdir(parents=True)
+        for k in range(4):
+            gray = rng.integers(0, 256, (24, 20), dtype=np.uint8)
+            first[folder, k] = gray
+            Image.fromarray(gray).save(root / folder / f"subject{k:02d}.{folder}", format="GIF")
+        frames = [Image.fromarray(rng.integers(0, 256, (24, 20), dtype=np.uint8)) for _ in range(3)]
+        frames[0].save(root / folder / "subject04", format="GIF", save_all=True,
+                       append_images=frames[1:])
+        first[folder, 4] = np.asarray(frames[0])
+        first[folder, 5] = rng.integers(0, 256, (24, 20), dtype=np.uint8)
+        Image.fromarray(first[folder, 5]).save(root / folder / "subject05", format="PNG")
+        (root / folder / "Readme").write_text("Yale-style faces")
+    config = make_config("prepare", f"path={root}", steps="split,balance,normalize,resize",
+                         **{"resize.size": 24, "resize.channels": 1,
+                            "input.subject_pattern": r"^subject(\d+)"})
+    result = driver.run(config, str(tmp_path / "run"))
+    read = result["stages"][0]
+    assert read["images_in"] == 14 and read["images_out"] == 12
+    assert read["source_modes"] == {"P": 10, "L": 2}  # GIFs open as palette, the PNGs gray.
+    assert {k: len(v) for k, v in result["dropped"].items()} == {"not_image": 2}
+    ds = prepare.load_prepared(manual_dir=tmp_path / "run")
+    assert ds.class_names == ("happiness", "sadness")
+    # Each prepared image is one file's first frame, resized (within the float pipeline's
+    # rounding); each file gives one.
+    want = np.stack([readers.resize_rgb(np.dstack([g] * 3), 24, channels=1)
+                     for g in first.values()]).astype(int)
+    got = np.concatenate([ds["train"].images, ds["test"].images]).astype(int)
+    err = np.abs(got[:, None] - want[None]).max(axis=(2, 3, 4))
+    assert got.shape[0] == 12 and sorted(err.argmin(1)) == list(range(12))
+    assert err.min(1).max() <= 2
+
+
+def test_runlocal_config(make_config):
+    config = make_config("prepare", "runlocal")
+    driver.validate_config(config)
+    assert driver.steps_of(config) == ("split", "balance", "detect", "align", "normalize",
+                                       "resize")
+    assert (config.input.kind, config.input.data.name) == ("dataset", "synthetic")
+
+
+@pytest.mark.slow
+def test_runlocal_every_stage(tmp_path, make_config):
+    """configs/prepare.py:runlocal end to end with the real MTCNN (~20 s of CPU)."""
+    result = driver.run(make_config("prepare", "runlocal"), str(tmp_path / "run"))
+    stages = {s["name"]: s for s in result["stages"]}
+    assert list(stages) == ["read", "split", "balance", "detect", "align", "normalize",
+                            "resize", "write"]
+    assert stages["read"]["images_out"] == 48
+    # The synthetic faces MTCNN finds: most, not all (one subject's face shape defeats it).
+    assert 24 <= stages["detect"]["images_out"] < 48
+    assert result["output"]["splits"]["train"] > 0 and result["output"]["splits"]["test"] > 0
+    ds = prepare.load_prepared(manual_dir=tmp_path / "run")
+    assert ds["train"].images.shape[1:] == (48, 48, 1)
     assert not set(ds["test"].subjects) & set(ds["train"].subjects)
 
 

@@ -17,8 +17,8 @@ from absl import logging
 
 from fer_jax import data as data_lib
 from fer_jax.data import prepare, readers
-from fer_jax.experiments.supervised import config_checker
 from fer_jax.io.metrics import MetricWriter
+from fer_jax.train import checks
 
 KINDS = (*readers.READERS, "dataset")
 
@@ -29,7 +29,7 @@ def steps_of(config) -> tuple[str, ...]:
 
 def validate_config(config) -> None:
     """Raises ValueError naming the first bad field; called by main before any work."""
-    check = config_checker(config)
+    check = checks.checker(config)
     check(config.input.kind in KINDS, "input.kind", f"one of {KINDS}")
     check(config.input.kind == "dataset" or bool(config.input.path), "input.path",
           f"the root folder of the {config.input.kind!r} files")
