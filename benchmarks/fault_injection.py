@@ -12,9 +12,12 @@ resumed by the same command until it finishes. Checked per trial:
 * every checkpoint ever left in the workdir (set-aside ones too) is finite;
 * metrics.jsonl holds no record twice (same step and same keys).
 The resumed run also finds the killed run's lock file and takes it over (counted).
+`--blowup` adds the learning-rate-1e30 supervised run with a checkpoint every step: it must stop
+with a FloatingPointError and leave only finite checkpoints.
 
 Run: .venv/bin/python benchmarks/fault_injection.py [--kills 20] [--configs supervised,fedavg,
-fedaffect] [--seed 0]. Writes benchmarks/results/fault_injection.json.
+fedaffect] [--blowup] [--seed 0]. Updates benchmarks/results/fault_injection.json (entries of
+configs not run are kept).
 """
 
 from __future__ import annotations
@@ -204,28 +207,51 @@ def run_config(name: str, kills: int, root: pathlib.Path, rng, log) -> dict:
         }}
 
 
+def blowup(root: pathlib.Path) -> dict:
+    """Supervised runlocal with learning rate 1e30, a checkpoint every step."""
+    workdir = root / "blowup"
+    args = [*CONFIGS["supervised"], "--config.train.learning_rate=1e30",
+            "--config.checkpoint_every_steps=1"]
+    result = subprocess.run(_command(workdir, args, root / "cache"), cwd=REPO, env=_env(),
+                            capture_output=True, text=True)
+    read, bad = _all_finite(workdir)
+    lines = result.stderr.strip().splitlines()
+    return {"args": args, "rc": result.returncode,
+            "floating_point_error": any("FloatingPointError" in line for line in lines),
+            "last_line": lines[-1] if lines else "", "checkpoints_left": _steps(
+                workdir / "checkpoints"), "checkpoints_read": read, "non_finite_checkpoints": bad}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--configs", default="supervised,fedavg,fedaffect")
+    parser.add_argument("--blowup", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/fault_injection.json"))
     args = parser.parse_args()
     rng = random.Random(args.seed)
-    results = {"kills_per_config": args.kills, "seed": args.seed,
-               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} "
-                          "CPUs (JAX_PLATFORMS=cpu)", "configs": {}}
+    out = pathlib.Path(args.out)
+    results = json.loads(out.read_text()) if out.exists() else {"configs": {}}
+    results["machine"] = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs "
+                          "(JAX_PLATFORMS=cpu), shared with other jobs")
     with tempfile.TemporaryDirectory(prefix="fault_injection_") as tmp:
         root = pathlib.Path(tmp)
+        if args.blowup:
+            results["learning_rate_1e30"] = blowup(root)
+            print(results["learning_rate_1e30"], flush=True)
+            out.write_text(json.dumps(results, indent=2) + "\n")
         with open(root / "log.txt", "w") as log:
-            for name in args.configs.split(","):
+            for name in filter(None, args.configs.split(",")):
                 try:
-                    results["configs"][name] = run_config(name, args.kills, root, rng, log)
+                    results["configs"][name] = {
+                        "kills_requested": args.kills, "seed": args.seed,
+                        **run_config(name, args.kills, root, rng, log)}
                 except RuntimeError as e:
                     results["configs"][name] = {"error": str(e)[-1500:]}
                 print(name, results["configs"][name].get("summary",
                                                          results["configs"][name]), flush=True)
-                pathlib.Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+                out.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":
