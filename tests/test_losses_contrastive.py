@@ -152,3 +152,59 @@ def test_jit_and_vmap_match_eager():
 def test_bad_input_raises(z_a, z_b, kwargs, match):
     with pytest.raises(ValueError, match=match):
         losses.nt_xent(z_a, z_b, **kwargs)
+
+
+# -- mask= -----------------------------------------------------------------------------------
+
+_MASK = np.array([1, 0, 1, 1, 0, 1], bool)
+
+
+def test_mask_equals_loss_on_the_valid_rows():
+    z_a, z_b = _views(6, 5, seed=20)
+    got = losses.nt_xent(z_a, z_b, temperature=0.3, mask=_MASK)
+    # Derived independently: the float64 loop on the sliced arrays.
+    np.testing.assert_allclose(got, _np_nt_xent(z_a[_MASK], z_b[_MASK], 0.3), rtol=1e-5)
+    np.testing.assert_allclose(got, losses.nt_xent(z_a[_MASK], z_b[_MASK], temperature=0.3),
+                               rtol=1e-6)
+    # A numeric 0/1 mask reads the same; an all-valid mask is the unmasked loss.
+    np.testing.assert_allclose(losses.nt_xent(z_a, z_b, temperature=0.3,
+                                              mask=_MASK.astype(np.float32)), got, rtol=1e-7)
+    np.testing.assert_allclose(losses.nt_xent(z_a, z_b, mask=np.ones(6, bool)),
+                               losses.nt_xent(z_a, z_b), rtol=1e-6)
+    # Unnormalised (dot-product) similarity as well.
+    np.testing.assert_allclose(
+        losses.nt_xent(0.3 * z_a, 0.3 * z_b, normalize=False, mask=_MASK),
+        _np_nt_xent(0.3 * z_a[_MASK], 0.3 * z_b[_MASK], 0.1, normalize=False), rtol=1e-5)
+
+
+def test_masked_rows_get_zero_gradient_even_when_not_finite():
+    z_a, z_b = _views(6, 5, seed=21)
+    z_a[1], z_b[4] = np.nan, np.inf  # padding garbage in masked rows
+    value, (g_a, g_b) = jax.value_and_grad(
+        lambda a, b: losses.nt_xent(a, b, temperature=0.3, mask=_MASK), argnums=(0, 1))(z_a, z_b)
+    np.testing.assert_allclose(value, _np_nt_xent(z_a[_MASK], z_b[_MASK], 0.3), rtol=1e-5)
+    for g in (np.asarray(g_a), np.asarray(g_b)):
+        assert np.all(g[~_MASK] == 0.0) and np.all(np.abs(g[_MASK]).sum(axis=1) > 0)
+    # The valid rows' gradient is that of the sliced loss.
+    ref = jax.grad(lambda a: losses.nt_xent(a, z_b[_MASK], temperature=0.3))(z_a[_MASK])
+    np.testing.assert_allclose(np.asarray(g_a)[_MASK], ref, rtol=1e-4, atol=1e-7)
+
+
+def test_all_masked_is_zero_with_finite_gradient():
+    z_a, _ = _views(6, 5, seed=22)
+    value, grad = jax.value_and_grad(
+        lambda a: losses.nt_xent(a, a, temperature=0.3, mask=np.zeros(6, bool)))(z_a)
+    assert float(value) == 0.0 and np.all(np.asarray(grad) == 0.0)
+
+
+def test_mask_under_jit_and_vmap():
+    z_a, z_b = _views(6, 5, seed=23)
+    masks = np.stack([_MASK, ~_MASK])
+    f = jax.jit(jax.vmap(lambda m: losses.nt_xent(z_a, z_b, temperature=0.2, mask=m)))
+    np.testing.assert_allclose(
+        f(masks), [losses.nt_xent(z_a[m], z_b[m], temperature=0.2) for m in masks], rtol=1e-5)
+
+
+def test_bad_mask_raises():
+    with pytest.raises(ValueError, match="mask must have shape \\(N,\\) = \\(3,\\)"):
+        losses.nt_xent(np.ones((3, 2)), np.ones((3, 2)), mask=np.ones(4, bool))

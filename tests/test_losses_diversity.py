@@ -143,3 +143,59 @@ def test_similarity_gradient_matches_plain_autodiff():
 
     ours = jax.grad(lambda p: jnp.sum(weights * losses.rbf_similarity(p, gamma=0.5)))(phi)
     np.testing.assert_allclose(ours, jax.grad(plain)(phi), rtol=1e-4, atol=1e-6)
+
+
+# -- mask= -----------------------------------------------------------------------------------
+
+_MASK = np.array([1, 1, 0, 1, 0, 1, 1], bool)
+
+
+def test_mask_equals_the_unpadded_batch():
+    phi = _phi((3, 7, 5), seed=20)
+    s = losses.rbf_similarity(phi, gamma=0.3, mask=_MASK)
+    np.testing.assert_allclose(s, _np_similarity(phi[:, _MASK], 0.3), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(np.diag(s), 1.0)
+    got = losses.det_diversity(phi, gamma=0.3, mask=_MASK)
+    np.testing.assert_allclose(got, np.linalg.det(_np_similarity(phi[:, _MASK], 0.3)),
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got, losses.det_diversity(phi[:, _MASK], gamma=0.3), rtol=1e-6)
+    # Feature maps (L, N, H, W), a numeric mask and jitter: still the sliced value.
+    maps = _phi((2, 7, 3, 3), seed=21)
+    np.testing.assert_allclose(
+        losses.det_diversity(maps, gamma=0.1, eps=1e-3, mask=_MASK.astype(np.int32)),
+        losses.det_diversity(maps[:, _MASK], gamma=0.1, eps=1e-3), rtol=1e-6)
+    np.testing.assert_allclose(losses.det_diversity(phi, gamma=0.3, mask=np.ones(7, bool)),
+                               losses.det_diversity(phi, gamma=0.3), rtol=1e-6)
+
+
+def test_masked_samples_get_zero_gradient_even_when_not_finite():
+    phi = _phi((3, 7, 5), seed=22)
+    phi[:, 2] = np.nan
+    phi[0, 4] = np.inf
+    value, grad = jax.value_and_grad(
+        lambda p: losses.det_diversity(p, gamma=0.3, mask=_MASK))(phi)
+    np.testing.assert_allclose(value, losses.det_diversity(phi[:, _MASK], gamma=0.3), rtol=1e-6)
+    grad = np.asarray(grad)
+    assert np.all(grad[:, ~_MASK] == 0.0) and np.all(np.isfinite(grad))
+    ref = jax.grad(lambda p: losses.det_diversity(p, gamma=0.3))(phi[:, _MASK])
+    np.testing.assert_allclose(grad[:, _MASK], ref, rtol=1e-4, atol=1e-7)
+
+
+def test_all_masked_is_zero():
+    phi = _phi((3, 7, 5), seed=23)
+    value, grad = jax.value_and_grad(
+        lambda p: losses.det_diversity(p, gamma=0.3, mask=np.zeros(7, bool)))(phi)
+    assert float(value) == 0.0 and np.all(np.asarray(grad) == 0.0)
+
+
+def test_mask_under_jit_and_vmap():
+    phi = _phi((3, 7, 5), seed=24)
+    masks = np.stack([_MASK, ~_MASK])
+    f = jax.jit(jax.vmap(lambda m: losses.det_diversity(phi, gamma=0.3, mask=m)))
+    np.testing.assert_allclose(
+        f(masks), [losses.det_diversity(phi[:, m], gamma=0.3) for m in masks], rtol=1e-5)
+
+
+def test_bad_mask_raises():
+    with pytest.raises(ValueError, match="mask must have shape \\(N,\\)"):
+        losses.det_diversity(np.ones((2, 3, 4)), gamma=1.0, mask=np.ones(4, bool))

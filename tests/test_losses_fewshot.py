@@ -73,3 +73,62 @@ def test_prototypes_bad_input_raises(args, match):
 def test_relation_mse_bad_input_raises(scores, query, support, match):
     with pytest.raises(ValueError, match=match):
         losses.relation_mse(scores, query, support)
+
+
+# -- mask= -----------------------------------------------------------------------------------
+
+def _episode(seed=1):
+    rng = np.random.default_rng(seed)
+    scores = rng.random((4, 5)).astype(np.float32)
+    query_labels = np.array([0, 2, 4, 1])
+    query_valid = np.array([1, 1, 0, 1], bool)
+    class_valid = np.array([1, 0, 1, 1, 1], bool)
+    return scores, query_labels, query_valid, class_valid
+
+
+def test_relation_mse_mask_equals_loss_on_valid_pairs():
+    scores, ql, qv, cv = _episode()
+    slots = np.arange(5)
+    pairs = qv[:, None] & cv[None, :]
+    got = losses.relation_mse(scores, ql, slots, mask=pairs)
+    hand = np.mean([(scores[q, c] - (ql[q] == c)) ** 2 for q in range(4) for c in range(5)
+                    if qv[q] and cv[c]])
+    np.testing.assert_allclose(got, hand, rtol=1e-6)
+    np.testing.assert_allclose(got, losses.relation_mse(scores[qv][:, cv], ql[qv], slots[cv]),
+                               rtol=1e-6)
+    # A (Q,) mask drops whole queries; a numeric mask reads the same as a bool one.
+    np.testing.assert_allclose(losses.relation_mse(scores, ql, slots, mask=qv.astype(float)),
+                               losses.relation_mse(scores[qv], ql[qv], slots), rtol=1e-6)
+    np.testing.assert_allclose(losses.relation_mse(scores, ql, slots, mask=np.ones(4, bool)),
+                               losses.relation_mse(scores, ql, slots), rtol=1e-7)
+
+
+def test_relation_mse_masked_pairs_get_zero_gradient():
+    scores, ql, qv, cv = _episode()
+    pairs = qv[:, None] & cv[None, :]
+    scores[~pairs] = np.nan  # padding garbage
+    value, grad = jax.value_and_grad(
+        lambda s: losses.relation_mse(s, ql, np.arange(5), mask=pairs))(scores)
+    assert np.isfinite(float(value))
+    grad = np.asarray(grad)
+    assert np.all(grad[~pairs] == 0.0)
+    target = (ql[:, None] == np.arange(5)[None, :])
+    np.testing.assert_allclose(grad[pairs], 2 * (scores - target)[pairs] / pairs.sum(),
+                               rtol=1e-6)
+    none = jax.value_and_grad(lambda s: losses.relation_mse(
+        s, ql, np.arange(5), mask=np.zeros((4, 5), bool)))(scores)
+    assert float(none[0]) == 0.0 and np.all(np.asarray(none[1]) == 0.0)
+
+
+def test_relation_mse_mask_under_jit_and_vmap():
+    scores, ql, qv, _ = _episode()
+    masks = np.stack([qv, ~qv])
+    f = jax.jit(jax.vmap(lambda m: losses.relation_mse(scores, ql, jnp.arange(5), mask=m)))
+    np.testing.assert_allclose(
+        f(masks), [losses.relation_mse(scores[m], ql[m], np.arange(5)) for m in masks],
+        rtol=1e-6)
+
+
+def test_relation_mse_bad_mask_raises():
+    with pytest.raises(ValueError, match="mask must have shape \\(Q,\\) = \\(2,\\) or"):
+        losses.relation_mse(np.ones((2, 3)), np.zeros(2, int), np.arange(3), mask=np.ones(3))

@@ -194,3 +194,62 @@ def test_package_imports_jax_only():
             " assert not bad and len(l.__all__) == 12")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+# -- mask= on the occlusion losses -------------------------------------------------------------
+
+_VALID = np.array([1, 0, 1, 1, 0], bool)
+
+
+def _occlusion_batch(seed=5):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(scale=2.0, size=(5, 3, 3)).astype(np.float32)
+    target = (rng.uniform(size=(5, 3, 3)) < 0.4).astype(np.float32)
+    s = rng.normal(scale=2.0, size=5).astype(np.float32)
+    return logits, target, s, (s > 0.3)
+
+
+def _occlusion_losses(logits, target, s, occluded, mask):
+    return jnp.stack([losses.occlusion_mask_bce(logits, target, mask=mask),
+                      losses.discriminator_bce(s, occluded, mask=mask),
+                      losses.prior_cross_entropy(s, 0.3, mask=mask)])
+
+
+def test_occlusion_mask_equals_loss_on_valid_rows():
+    logits, target, s, occ = _occlusion_batch()
+    v = _VALID
+    got = _occlusion_losses(logits, target, s, occ, v)
+    want = [_np_sigmoid_bce(logits[v], target[v]).mean(axis=(1, 2)).mean(),
+            _np_sigmoid_bce(s[v], occ[v]).mean(), _np_sigmoid_bce(s[v], 0.3).mean()]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(_occlusion_losses(logits, target, s, occ, v.astype(np.float32)),
+                               got, rtol=1e-7)
+    np.testing.assert_allclose(_occlusion_losses(logits, target, s, occ, np.ones(5, bool)),
+                               _occlusion_losses(logits, target, s, occ, None), rtol=1e-6)
+    batched = jax.jit(jax.vmap(lambda m: _occlusion_losses(logits, target, s, occ, m)))(
+        np.stack([v, ~v]))
+    np.testing.assert_allclose(batched[1], _occlusion_losses(logits[~v], target[~v], s[~v],
+                                                             occ[~v], None), rtol=1e-5)
+
+
+def test_occlusion_masked_rows_get_zero_gradient():
+    logits, target, s, occ = _occlusion_batch()
+    logits[1], s[4] = np.nan, np.inf
+    value, (g_logits, g_s) = jax.value_and_grad(
+        lambda x, y: _occlusion_losses(x, target, y, occ, _VALID).sum(), argnums=(0, 1))(
+        logits, s)
+    assert np.isfinite(float(value))
+    assert np.all(np.asarray(g_logits)[~_VALID] == 0.0) and np.all(np.asarray(g_s)[~_VALID] == 0)
+    assert np.all(np.asarray(g_s)[_VALID] != 0.0)
+    none = _occlusion_losses(logits, target, s, occ, np.zeros(5, bool))
+    np.testing.assert_array_equal(none, 0.0)
+
+
+@pytest.mark.parametrize("fn,args", [
+    (losses.occlusion_mask_bce, (np.ones((2, 4, 4)), np.ones((2, 4, 4)))),
+    (losses.discriminator_bce, (np.ones(2), np.ones(2))),
+    (losses.prior_cross_entropy, (np.ones(2), 0.5)),
+])
+def test_occlusion_bad_mask_raises(fn, args):
+    with pytest.raises(ValueError, match="mask must have shape \\(N,\\) = \\(2,\\)"):
+        fn(*args, mask=np.ones(3, bool))

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fer_jax.federated.partial import restore_frozen
+
 # (params, model_state, batch, mask, key) -> (loss, (new_model_state, metric_sums))
 LossFn = Callable[..., tuple[jax.Array, tuple[Any, dict]]]
 
@@ -54,14 +56,6 @@ def _split(variables):
     if "params" not in variables:
         raise ValueError(f"SupervisedClient needs a 'params' collection, got {list(variables)}")
     return variables["params"], {k: v for k, v in variables.items() if k != "params"}
-
-
-def _restore_frozen(variables, initial, trainable):
-    """Puts the frozen leaves back to their initial values (static per-leaf choice)."""
-    new, treedef = jax.tree.flatten(variables)
-    old = jax.tree.leaves(initial)
-    return jax.tree.unflatten(treedef, [n if t else o for n, o, t in zip(new, old, trainable,
-                                                                          strict=True)])
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -97,7 +91,7 @@ class SupervisedClient:
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # Frozen leaves keep the server's values; their gradients are dead code for XLA.
-        merged = _restore_frozen({"params": params, **model_state}, state.initial, state.trainable)
+        merged = restore_frozen({"params": params, **model_state}, state.initial, state.trainable)
         params, model_state = _split(merged)
         metrics = dict(metrics)
         metrics.setdefault("loss_sum", loss * mask.sum())
@@ -108,13 +102,16 @@ class SupervisedClient:
 
 
 def classifier_loss(apply_fn: Callable, *, image_key: str = "image", label_key: str = "label",
-                    mutable: tuple[str, ...] = ("batch_stats",)) -> LossFn:
+                    mutable: tuple[str, ...] = ("batch_stats",),
+                    class_weights: jax.Array | None = None) -> LossFn:
     """A masked softmax cross-entropy `loss_fn` for a Flax classifier.
 
     apply_fn(variables, images, train=True, mutable=..., rngs={'dropout': key}) may return
     logits or a dict with 'logits' (fer_jax.models). Metric sums: loss_sum, correct, count.
     Models with BatchNorm should take the mask themselves to keep padding out of batch
-    statistics; this helper only keeps it out of the loss and metrics.
+    statistics; this helper only keeps it out of the loss and metrics. class_weights [K]:
+    each example's loss is weighted by its class's weight, divided by the number of valid
+    examples (as losses.weighted_cross_entropy); `loss_sum` stays the unweighted sum.
     """
 
     def loss_fn(params, model_state, batch, mask, key):
@@ -129,7 +126,11 @@ def classifier_loss(apply_fn: Callable, *, image_key: str = "image", label_key: 
         per_example = optax.softmax_cross_entropy_with_integer_labels(
             logits.astype(jnp.float32), labels)
         count = m.sum()
-        loss = (per_example * m).sum() / jnp.maximum(count, 1.0)
+        if class_weights is None:
+            loss = (per_example * m).sum() / jnp.maximum(count, 1.0)
+        else:
+            w = jnp.asarray(class_weights, jnp.float32)[labels] * m
+            loss = (per_example * w).sum() / jnp.maximum(count, 1.0)
         correct = ((logits.argmax(-1) == labels) * m).sum()
         model_state = {**model_state, **new_state}
         return loss, (model_state, {"loss_sum": (per_example * m).sum(), "correct": correct,

@@ -106,3 +106,18 @@ def merge(base, override):
 def trainable_mask(labels) -> tuple[bool, ...]:
     """Per flattened leaf of the variables: may a client change it (i.e. not FROZEN)."""
     return tuple(label != FROZEN for label in jax.tree.leaves(labels))
+
+
+def restore_frozen(variables, initial, trainable: tuple[bool, ...]):
+    """`variables` with every leaf whose `trainable_mask` entry is False put back to `initial`.
+
+    A client method calls it after each update so that FROZEN leaves keep the server's values
+    (their gradients then become dead code for XLA). The choice is static, per flattened leaf;
+    an empty `trainable` means every leaf is trainable.
+    """
+    if not trainable:
+        return variables
+    new, treedef = jax.tree.flatten(variables)
+    old = jax.tree.leaves(initial)
+    return jax.tree.unflatten(treedef, [n if t else o for n, o, t in zip(new, old, trainable,
+                                                                          strict=True)])

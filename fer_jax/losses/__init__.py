@@ -1,7 +1,9 @@
 """The five papers' losses as pure, jittable functions of jax.numpy arrays.
 
 Importable on its own (jax only: no flax, data or config). Each module cites its paper and
-equations; PAPERS.md records the decisions where a paper is ambiguous.
+equations and states its decision where a paper is ambiguous. Every loss that averages over
+examples takes `mask=` (N,): padded rows of a fixed-shape batch drop out of the value and the
+gradient, so the masked loss equals the loss of the valid rows alone.
 
   contrastive     nt_xent                                   FedAffect Alg. 1 / SimCLR
   fewshot         class_prototypes, relation_mse            FedAffect 3.2 / Sung et al. 2018

@@ -23,6 +23,17 @@ def check_integer(x: jax.Array, *, name: str) -> None:
         raise ValueError(f"{name} must hold integer class indices, got dtype {x.dtype}.")
 
 
+def check_mask(mask, n: int, *, name: str = "mask", expected: str = "(N,)") -> jax.Array:
+    """A validity mask as bool (1/True = a real example); raises unless its shape is (n,).
+
+    Bool or numeric masks are accepted; a numeric mask keeps the rows where it is nonzero.
+    """
+    mask = jnp.asarray(mask)
+    if mask.shape != (n,):
+        raise ValueError(f"{name} must have shape {expected} = ({n},), got {mask.shape}.")
+    return mask if mask.dtype == bool else mask != 0
+
+
 def check_positive(value, *, name: str, allow_zero: bool = False) -> None:
     """Raises ValueError for a Python number that is not finite and positive.
 
@@ -44,3 +55,15 @@ def sigmoid_bce(logits: jax.Array, targets: jax.Array) -> jax.Array:
     where log(sigmoid(x)) computed from probabilities would give -inf.
     """
     return jax.nn.softplus(logits) - targets * logits
+
+
+def masked_mean(values: jax.Array, valid: jax.Array | None) -> jax.Array:
+    """Mean of `values` over the leading axis where `valid` (bool (N,)); 0 if none is valid.
+
+    `values` must already be finite on the masked rows (zero their inputs first): the `where`
+    keeps a masked row out of the value, but a NaN there would still reach the gradient.
+    """
+    if valid is None:
+        return jnp.mean(values)
+    total = jnp.sum(jnp.where(valid, values, 0.0))
+    return total / jnp.maximum(jnp.sum(valid), 1).astype(values.dtype)

@@ -29,6 +29,8 @@ from fer_jax.losses import _checks
 
 # tf.math.l2_normalize's floor on the squared norm: a zero projection stays finite.
 _NORM_EPS = 1e-12
+# The logit of a dropped candidate when a mask is given (see `nt_xent`).
+_MASKED = -1e9
 
 
 def nt_xent(
@@ -37,6 +39,7 @@ def nt_xent(
     *,
     temperature: float = 0.1,
     normalize: bool = True,
+    mask: jax.Array | None = None,
 ) -> jax.Array:
     """NT-Xent over the 2N views of N examples, averaged over the 2N anchors.
 
@@ -46,10 +49,16 @@ def nt_xent(
       temperature: tau > 0; logits are sim / tau. Stable down to tau = 0.01 (log-softmax).
       normalize: if True, sim is the cosine similarity (rows are L2-normalised); if False,
         sim is the plain dot product (the caller has normalised already).
+      mask: optional (N,) validity of each example (bool, or nonzero = valid), e.g. the
+        padding of a client's last minibatch. Both views of a masked example are neither
+        anchors nor negatives, and the mean runs over the 2 N_valid valid anchors: the value
+        is `nt_xent(z_a[mask], z_b[mask])` at a fixed shape. Masked rows get exactly zero
+        gradient, even if they hold inf or NaN. None: every example is valid.
 
     Returns:
       Scalar loss. With every view identical it equals log(2N - 1); for N = 1 it is 0 (the
-      positive is the only candidate). SimCLR's TF code reports 2x this value.
+      positive is the only candidate); 0 when the mask has no valid row. SimCLR's TF code
+      reports 2x this value.
     """
     z_a, z_b = jnp.asarray(z_a), jnp.asarray(z_b)
     _checks.check_ndim(z_a, 2, name="z_a", expected="(N, d)")
@@ -60,13 +69,26 @@ def nt_xent(
     _checks.check_positive(temperature, name="temperature")
 
     n = z_a.shape[0]
+    valid = None if mask is None else _checks.check_mask(mask, n, expected="(N,)")
     z = jnp.concatenate([z_a, z_b], axis=0)
+    if valid is not None:
+        valid = jnp.concatenate([valid, valid])
+        # Zeroed before any arithmetic: a masked row's inf/NaN reaches neither value nor grad.
+        z = jnp.where(valid[:, None], z, 0.0)
     if normalize:
         z = z * jax.lax.rsqrt(jnp.maximum(jnp.sum(z * z, axis=-1, keepdims=True), _NORM_EPS))
     logits = z @ z.T / temperature
-    # An anchor is never its own candidate: -inf drops it from the softmax and its gradient.
-    logits = jnp.where(jnp.eye(2 * n, dtype=bool), -jnp.inf, logits)
-    log_prob = jax.nn.log_softmax(logits, axis=-1)
     # View i's positive is i + N (first half) or i - N (second half).
     positive = (jnp.arange(2 * n) + n) % (2 * n)
-    return -jnp.mean(jnp.take_along_axis(log_prob, positive[:, None], axis=-1))
+    if valid is None:
+        # An anchor is never its own candidate: -inf drops it from the softmax and its gradient.
+        logits = jnp.where(jnp.eye(2 * n, dtype=bool), -jnp.inf, logits)
+        log_prob = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.mean(jnp.take_along_axis(log_prob, positive[:, None], axis=-1))
+    # A finite stand-in for -inf: a masked anchor's row (every candidate dropped) stays finite,
+    # and exp(_MASKED - max) is exactly 0 in float32 for every row with a valid candidate.
+    drop = jnp.eye(2 * n, dtype=bool) | ~valid[None, :]
+    log_prob = jax.nn.log_softmax(jnp.where(drop, _MASKED, logits), axis=-1)
+    per_anchor = -jnp.take_along_axis(log_prob, positive[:, None], axis=-1)[:, 0]
+    count = jnp.sum(valid)
+    return jnp.sum(jnp.where(valid, per_anchor, 0.0)) / jnp.maximum(count, 1).astype(z.dtype)

@@ -10,7 +10,7 @@ phi_l are pooled feature maps: 1 x H x W for spatial diversity (`spatial_pool`),
 channel diversity (`channel_pool`). No feature normalisation; gamma is a config value (the
 authors' code hard-codes 10).
 
-**Decision (PAPERS.md section 3):** S_ll = exp(0) = 1 as Eq. (1) says. The released code
+**Decision:** S_ll = exp(0) = 1 as Eq. (1) says. The released code
 leaves the diagonal at 0, which gives det = (-1)^(L-1) (L-1) for identical learners and, for
 odd L, a loss that pulls branches together. Not copied.
 
@@ -39,23 +39,32 @@ def channel_pool(x: jax.Array) -> jax.Array:
     return jnp.mean(x, axis=(2, 3))
 
 
-def rbf_similarity(phi: jax.Array, *, gamma: float) -> jax.Array:
+def rbf_similarity(phi: jax.Array, *, gamma: float, mask: jax.Array | None = None) -> jax.Array:
     """Eq. (1): S_lk = mean_n exp(-gamma ||phi_l(x_n) - phi_k(x_n)||^2), ones on the diagonal.
 
     Args:
       phi: (L, N, ...) pooled features of L learners for the same N samples; the trailing
         axes (H, W) or (C,) are flattened into one feature vector per (learner, sample).
       gamma: RBF width, >= 0.
+      mask: optional (N,) validity of each sample (bool, or nonzero = valid). The mean runs
+        over the valid samples only, so S is that of `phi[:, mask]`; masked samples get
+        exactly zero gradient, even if they hold inf or NaN. None: every sample is valid.
 
     Returns:
-      (L, L) symmetric matrix with S_ll = 1 exactly.
+      (L, L) symmetric matrix with S_ll = 1 exactly (all zeros when no sample is valid).
     """
     phi = jnp.asarray(phi)
     if phi.ndim < 2:
         raise ValueError(f"phi must have shape (L, N, ...), got shape {phi.shape}.")
     _checks.check_positive(gamma, name="gamma", allow_zero=True)
-    sq_dist = _pairwise_sq_dist(phi.reshape(phi.shape[0], phi.shape[1], -1))
-    return jnp.mean(jnp.exp(-gamma * sq_dist), axis=-1)
+    if mask is None:
+        sq_dist = _pairwise_sq_dist(phi.reshape(phi.shape[0], phi.shape[1], -1))
+        return jnp.mean(jnp.exp(-gamma * sq_dist), axis=-1)
+    valid = _checks.check_mask(mask, phi.shape[1], expected="(N,) with N = phi.shape[1]")
+    flat = phi.reshape(phi.shape[0], phi.shape[1], -1)
+    flat = jnp.where(valid[None, :, None], flat, 0.0)
+    kernel = jnp.where(valid, jnp.exp(-gamma * _pairwise_sq_dist(flat)), 0.0)
+    return jnp.sum(kernel, axis=-1) / jnp.maximum(jnp.sum(valid), 1).astype(kernel.dtype)
 
 
 @jax.custom_jvp
@@ -81,7 +90,9 @@ def _pairwise_sq_dist_jvp(primals, tangents):
     return _pairwise_sq_dist(a), tangent
 
 
-def det_diversity(phi: jax.Array, *, gamma: float, eps: float = 0.0) -> jax.Array:
+def det_diversity(
+    phi: jax.Array, *, gamma: float, eps: float = 0.0, mask: jax.Array | None = None
+) -> jax.Array:
     """Eq. (2): D = det(S) with S from `rbf_similarity`; the loss subtracts it (loss = CE - D).
 
     Numerics (decision for issue 3: LU/slogdet with the adjugate gradient, not Cholesky):
@@ -98,13 +109,17 @@ def det_diversity(phi: jax.Array, *, gamma: float, eps: float = 0.0) -> jax.Arra
       eps: diagonal jitter, det(S + eps I). Default 0: the adjugate gradient needs none. A
         positive eps raises the value by at most (1 + eps)^L - 1 (about L * eps; every
         principal minor of S lies in [0, 1]) and keeps the value >= eps^L.
+      mask: optional (N,) validity of each sample (bool, or nonzero = valid), e.g. a padded
+        batch. S averages over the valid samples only, so the value is
+        `det_diversity(phi[:, mask])`; masked samples get exactly zero gradient. With no valid
+        sample S = 0 and the value is 0 (eps^L with jitter). None: every sample is valid.
 
     Returns:
       Scalar det(S) in [0, 1] up to rounding (float32: within ~1e-7 of the float64 value; a
       nearly singular S can round to a value of order -1e-7).
     """
     _checks.check_positive(eps, name="eps", allow_zero=True)
-    s = rbf_similarity(phi, gamma=gamma)
+    s = rbf_similarity(phi, gamma=gamma, mask=mask)
     if not (isinstance(eps, (int, float)) and eps == 0):
         s = s + eps * jnp.eye(s.shape[0], dtype=s.dtype)
     return jnp.linalg.det(s)

@@ -8,8 +8,8 @@ Relation Network for Few-Shot Learning*, Eq. (1)-(2):
 
         L_relation = 1/(Q C) sum_q sum_c (r_{q,c} - 1[y_q == y_c])^2.
 
-    FedAffect's Eq. (2) lost the square and the mean; PAPERS.md section 1 restores the MSE of
-    Sung et al. Eq. (2) (which sums; the mean only rescales the learning rate).
+    FedAffect's Eq. (2) as printed lost the square and the mean; we use the MSE of Sung et
+    al. Eq. (2) (which sums; the mean only rescales the learning rate).
 """
 
 import operator
@@ -64,6 +64,8 @@ def relation_mse(
     scores: jax.Array,
     query_labels: jax.Array,
     support_labels: jax.Array,
+    *,
+    mask: jax.Array | None = None,
 ) -> jax.Array:
     """Mean squared error between relation scores and the match indicator.
 
@@ -72,10 +74,16 @@ def relation_mse(
         every query q and support class slot c.
       query_labels: (Q,) integer class of each query.
       support_labels: (C,) integer class of each support slot (usually arange(C)).
+      mask: optional validity (bool, or nonzero = valid) of the queries, (Q,), or of the
+        (query, class slot) pairs, (Q, C): an episode padded to a fixed shape marks its
+        missing queries, and `query_valid[:, None] & class_valid[None, :]` also drops the
+        slots of classes it could not fill. The mean runs over the valid pairs only, so the
+        value is the loss of the unpadded episode; masked pairs get exactly zero gradient.
+        None: every pair is valid.
 
     Returns:
-      Scalar mean over the Q * C pairs of (scores[q, c] - 1[query_labels[q] ==
-      support_labels[c]])^2.
+      Scalar mean over the Q * C (valid) pairs of (scores[q, c] - 1[query_labels[q] ==
+      support_labels[c]])^2; 0 when no pair is valid.
     """
     scores = jnp.asarray(scores)
     query_labels = jnp.asarray(query_labels)
@@ -91,4 +99,17 @@ def relation_mse(
             f"support_labels must have shape (C,) = ({c},), got {support_labels.shape}."
         )
     target = (query_labels[:, None] == support_labels[None, :]).astype(scores.dtype)
-    return jnp.mean(jnp.square(scores - target))
+    if mask is None:
+        return jnp.mean(jnp.square(scores - target))
+    mask = jnp.asarray(mask)
+    if mask.shape == (q,):
+        mask = jnp.broadcast_to(mask[:, None], (q, c))
+    if mask.shape != (q, c):
+        raise ValueError(
+            f"mask must have shape (Q,) = ({q},) or (Q, C) = ({q}, {c}), got {mask.shape}."
+        )
+    pair = mask if mask.dtype == bool else mask != 0
+    # The inner where keeps a masked pair's NaN score out of the gradient, not only the value.
+    sq = jnp.square(jnp.where(pair, scores, 0.0) - target)
+    total = jnp.sum(jnp.where(pair, sq, 0.0))
+    return total / jnp.maximum(jnp.sum(pair), 1).astype(scores.dtype)

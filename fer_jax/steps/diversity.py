@@ -32,19 +32,14 @@ from fer_jax.data.augment import AugmentConfig, augment_batch
 from fer_jax.steps.supervised import TrainState, init_state, preprocess
 
 __all__ = ["TrainState", "add_branch", "esr_loss", "federated_loss", "group_scales",
-           "init_state", "make_loss", "manet_loss", "masked_det_diversity", "predict",
-           "predicted_classes", "train_step"]
+           "init_state", "make_loss", "manet_loss", "predict", "predicted_classes", "train_step"]
 
 LossFn = Callable[..., tuple[jax.Array, dict]]
 
 
-def masked_det_diversity(phi: jax.Array, mask: jax.Array | None, *, gamma: float,
-                         per_feature: bool = False) -> jax.Array:
-    """det(S) of `losses.det_diversity` with S averaged over the unmasked samples only.
-
-    Padded samples (mask 0) are set equal across learners, so each adds exp(0) = 1 to every
-    entry of the all-sample sum N * S; removing them is exact: S_valid = (N S - n_pad) / n_valid
-    (the diagonal stays 1). Returns 0 when no sample is valid.
+def _diversity(phi: jax.Array, mask: jax.Array | None, *, gamma: float,
+               per_feature: bool) -> jax.Array:
+    """`losses.det_diversity` over the valid samples; per_feature scales gamma by 1 / D.
 
     per_feature=True uses gamma / D for D features per learner (the RBF of the *mean* squared
     difference). Not in the paper: with Eq. (1)'s sum, gamma = 10 saturates det(S) at 1 (zero
@@ -52,14 +47,7 @@ def masked_det_diversity(phi: jax.Array, mask: jax.Array | None, *, gamma: float
     """
     if per_feature:
         gamma = gamma / math.prod(phi.shape[2:])
-    if mask is None:
-        return losses.det_diversity(phi, gamma=gamma)
-    keep = mask.astype(bool).reshape((1, -1) + (1,) * (phi.ndim - 2))
-    n = phi.shape[1]
-    n_valid = jnp.sum(mask.astype(bool)).astype(phi.dtype)
-    s_all = losses.rbf_similarity(jnp.where(keep, phi, 0.0), gamma=gamma)
-    s = (n * s_all - (n - n_valid)) / jnp.maximum(n_valid, 1.0)
-    return jnp.where(n_valid > 0, jnp.linalg.det(s), 0.0)
+    return losses.det_diversity(phi, gamma=gamma, mask=mask)
 
 
 def _ce(logits, labels, mask):
@@ -81,11 +69,9 @@ def esr_loss(out: Mapping, labels: jax.Array, mask: jax.Array | None = None, *,
     att = out.get("attention")
     if att is not None and branch_logits.shape[0] >= 2:
         if spatial_weight:
-            d_sp = masked_det_diversity(att["spatial"], mask, gamma=gamma,
-                                        per_feature=per_feature)
+            d_sp = _diversity(att["spatial"], mask, gamma=gamma, per_feature=per_feature)
         if channel_weight:
-            d_ch = masked_det_diversity(att["channel"], mask, gamma=gamma,
-                                        per_feature=per_feature)
+            d_ch = _diversity(att["channel"], mask, gamma=gamma, per_feature=per_feature)
     loss = ce - (spatial_weight * d_sp + channel_weight * d_ch)
     return loss, {"ce": ce, "d_sp": d_sp, "d_ch": d_ch}
 
@@ -99,8 +85,7 @@ def manet_loss(out: Mapping, labels: jax.Array, mask: jax.Array | None = None, *
     ce_global = _ce(out["global_logits"], labels, mask)
     patches = out["patch_features"]  # (P, N, h, w, C)
     zero = jnp.zeros((), jnp.float32)
-    det = functools.partial(masked_det_diversity, mask=mask, gamma=gamma,
-                            per_feature=per_feature)
+    det = functools.partial(_diversity, mask=mask, gamma=gamma, per_feature=per_feature)
     d_sp = det(losses.spatial_pool(patches)) if spatial_weight else zero
     d_ch = det(losses.channel_pool(patches)) if channel_weight else zero
     d_b = det(jnp.stack([out["global_embedding"], out["local_embedding"]])) if branch_weight \

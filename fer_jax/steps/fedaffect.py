@@ -4,8 +4,8 @@ FedAffect (Shome & Kar), Algorithm 1:
   * `SimCLRClient` = LocalReprLearn (lines 17-30): per minibatch of M images, two views per
     image (`data.simclr_augment`, on device, per-example keys), z = P(E(view)), loss NT-Xent
     (Eq. 1, the mean over the 2M anchors, line 26) at temperature tau, one optimizer update.
-    The engine pads a client's last minibatch: padded rows and columns are kept out of the
-    softmax (`masked_nt_xent`), so the loss is exactly `losses.nt_xent` of the valid views.
+    The engine pads a client's last minibatch: `losses.nt_xent(mask=)` keeps the padded views
+    out of the softmax, so the loss is exactly NT-Xent of the valid views.
   * `FewShotClient` = LocalFewShot (lines 31-35): per local step one C-way K-shot episode drawn
     on device from the client's labeled pool (`data.episodes.sample_episode`), class maps =
     element-wise sum of K support maps, depth-wise concatenation with each query map, relation
@@ -28,43 +28,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fer_jax import losses
 from fer_jax.data.episodes import sample_episode
 from fer_jax.data.simclr_augment import SimCLRAugmentConfig, simclr_views
+from fer_jax.federated.partial import restore_frozen
 from fer_jax.steps.supervised import preprocess
-
-# Finite stand-in for -inf: an all-masked row stays finite (no NaN gradient through softmax)
-# while exp(_MASKED - max) is exactly 0 in float32 for every row with a valid candidate.
-_MASKED = -1e9
-_NORM_EPS = 1e-12  # losses.nt_xent's floor on the squared norm.
-
-
-def masked_nt_xent(z_a: jax.Array, z_b: jax.Array, mask: jax.Array, *,
-                   temperature: float) -> jax.Array:
-    """`losses.nt_xent` over the valid rows only: (N, d) views, mask (N,) bool.
-
-    Equals `losses.nt_xent(z_a[mask], z_b[mask])` (FedAffect Eq. 1, mean over the 2 N_valid
-    anchors): invalid views are neither anchors nor candidates; 0 when no row is valid.
-    """
-    n = z_a.shape[0]
-    z = jnp.concatenate([z_a, z_b], axis=0)
-    z = z * jax.lax.rsqrt(jnp.maximum(jnp.sum(z * z, axis=-1, keepdims=True), _NORM_EPS))
-    valid = jnp.concatenate([mask, mask])
-    logits = z @ z.T / temperature
-    drop = jnp.eye(2 * n, dtype=bool) | ~valid[None, :]
-    log_prob = jax.nn.log_softmax(jnp.where(drop, _MASKED, logits), axis=-1)
-    positive = (jnp.arange(2 * n) + n) % (2 * n)
-    per_anchor = -jnp.take_along_axis(log_prob, positive[:, None], axis=-1)[:, 0]
-    count = valid.sum()
-    return jnp.where(valid, per_anchor, 0.0).sum() / jnp.maximum(count, 1)
-
-
-def masked_relation_mse(scores: jax.Array, query_labels: jax.Array, query_valid: jax.Array,
-                        class_valid: jax.Array) -> jax.Array:
-    """`losses.relation_mse` over the valid (query, class) pairs of a (Q, C) score matrix."""
-    nc = scores.shape[1]
-    pair = query_valid[:, None] & class_valid[None, :]
-    target = (query_labels[:, None] == jnp.arange(nc)[None, :]).astype(scores.dtype)
-    return jnp.where(pair, jnp.square(scores - target), 0.0).sum() / jnp.maximum(pair.sum(), 1)
 
 
 @flax.struct.dataclass
@@ -90,10 +58,7 @@ def _update(state: LearnerState, grads, optimizer, ok) -> LearnerState:
     """One optimizer update; frozen leaves keep the server's values; `ok` False keeps all."""
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new, treedef = jax.tree.flatten({"params": params})
-    old = jax.tree.leaves(state.initial)
-    params = jax.tree.unflatten(treedef, [n if t else o for n, o, t in
-                                          zip(new, old, state.trainable, strict=True)])["params"]
+    params = restore_frozen({"params": params}, state.initial, state.trainable)["params"]
     keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(ok, x, y), a, b)
     return state.replace(params=keep(params, state.params), opt_state=keep(opt_state,
                                                                            state.opt_state))
@@ -126,7 +91,7 @@ class SimCLRClient:
         def loss_fn(params):
             z = self.model.apply({"params": params}, jnp.concatenate([view_a, view_b]),
                                  train=True)["z"]
-            return masked_nt_xent(z[:n], z[n:], mask, temperature=self.temperature)
+            return losses.nt_xent(z[:n], z[n:], temperature=self.temperature, mask=mask)
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         count = mask.sum().astype(jnp.float32)
@@ -171,7 +136,8 @@ class FewShotClient:
         def loss_fn(params):
             scores = self.model.apply({"params": params}, support, support_labels, query,
                                       train=True)
-            loss = masked_relation_mse(scores, query_labels, ep.query_valid, ep.class_valid)
+            pairs = ep.query_valid[:, None] & ep.class_valid[None, :]
+            loss = losses.relation_mse(scores, query_labels, jnp.arange(c), mask=pairs)
             return loss, scores
 
         (loss, scores), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

@@ -1,4 +1,4 @@
-"""Jitted min-max steps of occlusion-robust FER by adversarial learning (PAPERS.md sec. 5).
+"""Jitted min-max steps of occlusion-robust FER by adversarial learning.
 
 Per batch (paper Sec. 3.4), alternating:
   D step, F and R fixed (Eq. 6):  L_D = BCE(y_occ, D(F(x)))                -> D's optimizer
@@ -29,6 +29,7 @@ import optax
 from fer_jax import losses
 from fer_jax.data import occluders
 from fer_jax.data.augment import AugmentConfig, augment_batch
+from fer_jax.federated.partial import restore_frozen
 from fer_jax.models.occlusion import mask_probabilities
 from fer_jax.steps.supervised import preprocess
 
@@ -149,21 +150,12 @@ def resize_masks(masks: jax.Array, size: tuple[int, int]) -> jax.Array:
     return jax.image.resize(masks, (n, sh, sw), method="linear", antialias=True)
 
 
-def _weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
-    return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-
-
-def _per_example(loss_fn, *args):
-    """A batch-mean loss of fer_jax.losses evaluated per example (for padding masks)."""
-    return jax.vmap(lambda *a: loss_fn(*(x[None] for x in a)))(*args)
-
-
 def discriminator_loss(d_params, features, occluded, weights, *, disc):
     """Eq. (6) over the valid examples; returns (L_D, (logits, correct count))."""
     logits = disc.apply({"params": d_params}, features)
-    per = _per_example(losses.discriminator_bce, logits, occluded.astype(jnp.float32))
+    loss = losses.discriminator_bce(logits, occluded.astype(jnp.float32), mask=weights)
     correct = jnp.sum(((logits > 0) == occluded) * weights)
-    return _weighted_mean(per, weights), (logits, correct)
+    return loss, (logits, correct)
 
 
 def objective(out, d_params, labels, masks, weights, *, disc, settings: OcclusionSettings):
@@ -174,20 +166,17 @@ def objective(out, d_params, labels, masks, weights, *, disc, settings: Occlusio
     """
     logits = out["logits"]
     # Eq. (7): softmax cross entropy of R.
-    l_emp = _weighted_mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels),
-                           weights)
+    l_emp = losses.weighted_cross_entropy(logits, labels, mask=weights)
     total, terms = l_emp, {"l_emp": l_emp}
     if settings.attention:
         target = resize_masks(masks, out["mask_logits"].shape[1:3])
         # Eq. (2), per image, then averaged; clean images have all-zero targets.
-        l_noisy = _weighted_mean(_per_example(losses.occlusion_mask_bce, out["mask_logits"],
-                                              target), weights)
+        l_noisy = losses.occlusion_mask_bce(out["mask_logits"], target, mask=weights)
         total, terms["l_noisy"] = total + settings.lambda_noisy * l_noisy, l_noisy
     if settings.adversarial:
         d_logits = disc.apply({"params": d_params}, out["embedding"])
         # Eq. (5): D is fixed here (its params are not differentiated), F moves toward P_E.
-        per = _per_example(lambda s: losses.prior_cross_entropy(s, settings.prior), d_logits)
-        l_f = _weighted_mean(per, weights)
+        l_f = losses.prior_cross_entropy(d_logits, settings.prior, mask=weights)
         total, terms["l_f"] = total + settings.lambda_adv * l_f, l_f
     terms["correct"] = jnp.sum((jnp.argmax(logits, -1) == labels) * weights)
     return total, terms
@@ -375,8 +364,8 @@ class OcclusionClient:
             state.params["net"], state.batch_stats, state.opt_state, state.params["disc"],
             state.d_opt_state, images, batch["label"], masks, occluded, weights, net=self.net,
             disc=self.disc, tx=self.optimizer, d_tx=self.d_optimizer, settings=self.settings)
-        merged = _restore_frozen(_variables(state.initial, {"net": params, "disc": d_params},
-                                            batch_stats), state.initial, state.trainable)
+        merged = restore_frozen(_variables(state.initial, {"net": params, "disc": d_params},
+                                           batch_stats), state.initial, state.trainable)
         # The engine adds metric sums over steps and clients: means times the live count.
         count = weights.sum()
         m.pop("grad_norm")
@@ -393,13 +382,3 @@ class OcclusionClient:
 def _variables(like, params, batch_stats):
     """{'params', 'batch_stats'} with the collections of `like` (no BN: no 'batch_stats')."""
     return {"params": params, **({"batch_stats": batch_stats} if "batch_stats" in like else {})}
-
-
-def _restore_frozen(variables, initial, trainable):
-    """Frozen leaves (the engine's parameter filter) keep their server values."""
-    if not trainable:
-        return variables
-    new, treedef = jax.tree.flatten(variables)
-    old = jax.tree.leaves(initial)
-    return jax.tree.unflatten(treedef, [n if t else o for n, o, t in zip(new, old, trainable,
-                                                                          strict=True)])
