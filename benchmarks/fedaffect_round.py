@@ -38,6 +38,7 @@ def main():
     from configs import fedaffect as fa_config
     from fer_jax import data as data_lib
     from fer_jax.experiments import fedaffect as fa
+    from fer_jax.train import loops
 
     config = fa_config.get_config(args.arg)
     config.repr.cohort_size = config.fewshot.cohort_size = args.cohort
@@ -87,20 +88,20 @@ def main():
     n_rep = int(round(mean("simclr_images") / config.repr.batch_size))
     n_few = int(round(mean("episodes")))
     train = dataset["train"]
-    rep_c = fa.CentralizedLearner(rep_m, rep_vars, (), {"image": train.images[
-        clients["unlabeled"]]}, config.repr.batch_size, seed=0)
-    few_c = fa.CentralizedLearner(few_m, few_vars, (), {
+    rep_c = loops.PooledLearner(rep_m, rep_vars, {"image": train.images[clients["unlabeled"]]},
+                                config.repr.batch_size, seed=0)
+    few_c = loops.PooledLearner(few_m, few_vars, {
         "image": train.images[clients["labeled"]],
         "label": train.labels[clients["labeled"]].astype(np.int32)},
         fa.pool_size(config, max(s["labeled_sizes"])), seed=1)
-    rep_c.run(1), few_c.run(1)  # compile
+    rep_c.run(0, 1), few_c.run(0, 1)  # compile
     central = {"simclr": [], "fewshot": []}
-    for _ in range(3):
+    for i in range(3):
         t0 = time.perf_counter()
-        rep_c.run(n_rep)
+        rep_c.run(1 + i * n_rep, n_rep)
         jax.block_until_ready(rep_c.state)
         t1 = time.perf_counter()
-        few_c.run(n_few)
+        few_c.run(1 + i * n_few, n_few)
         jax.block_until_ready(few_c.state)
         central["simclr"].append(t1 - t0)
         central["fewshot"].append(time.perf_counter() - t1)

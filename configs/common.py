@@ -78,7 +78,8 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     return train
 
 
-def fed_config(data: str = "synthetic", **overrides) -> ml_collections.ConfigDict:
+def fed_config(data: str = "synthetic", *, keep: tuple[str, ...] = (),
+               **overrides) -> ml_collections.ConfigDict:
     """The `fed` block: partition, rounds, server and client optimizers, engine layout.
 
     Backend knobs (WORKSPACE.md, "Federated engine"): clients_per_call (clients per jitted
@@ -86,6 +87,7 @@ def fed_config(data: str = "synthetic", **overrides) -> ml_collections.ConfigDic
     CPU, wide on GPU/TPU), unroll (unrolled local-step scans; convolutions on XLA:CPU want it),
     tail_multiple (an epoch's last batch as its own step of ceil(rows / m) * m rows; 0 = pad to
     the batch size), steps_per_call (> 0: local steps in calls of at most this many).
+    keep: only these keys (a method whose other knobs live in its own blocks, e.g. FedAffect).
     """
     fed = ml_collections.ConfigDict()
     fed.partition = "subject" if data in ("synthetic", "ckplus48") else "dirichlet"
@@ -107,5 +109,8 @@ def fed_config(data: str = "synthetic", **overrides) -> ml_collections.ConfigDic
     fed.vmap_width = 1
     fed.unroll = True
     fed.steps_per_call = 0
+    fed.num_devices = 0  # devices of the 'clients' mesh; 0 = all
     fed.update(overrides)
+    if keep:
+        fed = ml_collections.ConfigDict({k: fed[k] for k in keep})
     return fed

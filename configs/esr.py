@@ -8,26 +8,27 @@ FER+ (majority labels from fer2013new.csv, 8 classes), ESR-9 at the paper's 96x9
 FER-2013 (7 classes), ESR-15 on 48x48 gray ('same' padding):
   python -m fer_jax.main --config=configs/esr.py:data=fer2013,branches=15,size=48 --workdir=/tmp/e
 Federated (the engine; clients = subjects for synthetic/CK+, Dirichlet splits for FER):
-  python -m fer_jax.main --config=configs/esr.py:runlocal,federated --workdir=/tmp/esr_fl
+  python -m fer_jax.main --config=configs/esr.py:runlocal,mode=federated --workdir=/tmp/esr_fl
 Ablation arms (WORKSPACE.md section 12): --config.model.kwargs.cbam=False, or
   --config.diversity.spatial_weight=0 / --config.diversity.channel_weight=0.
 
-Arguments: runlocal, data=synthetic|fer2013|ferplus|ckplus48, federated, branches=B,
-size=48|96 (0 = 96 for FER data as in the paper, 48 for synthetic), width=channel multiplier.
+Arguments: runlocal, data=synthetic|fer2013|ferplus|ckplus48, mode=centralized|federated,
+branches=B, size=48|96 (0 = 96 for FER data as in the paper, 48 for synthetic),
+width=channel multiplier.
 """
 
 import ml_collections
 
 from configs import common
-from configs.supervised import data_config
 
 
 def base_config(arg, *, model: str) -> ml_collections.ConfigDict:
     """The blocks esr.py and manet.py share: data, train, augment, diversity, fed, logging."""
     config = ml_collections.ConfigDict()
     config.experiment = "diversity"
+    config.mode = arg.mode
     config.seed = 0
-    config.data = data_config(arg.data, runlocal=arg.runlocal)
+    config.data = common.data_config(arg.data, runlocal=arg.runlocal)
 
     config.model = ml_collections.ConfigDict()
     config.model.name = model
@@ -39,15 +40,8 @@ def base_config(arg, *, model: str) -> ml_collections.ConfigDict:
     config.diversity = ml_collections.ConfigDict(dict(
         gamma=10.0, gamma_per_feature=False, spatial_weight=1.0, channel_weight=1.0))
 
-    config.train = ml_collections.ConfigDict()
-    config.train.batch_size = 64
-    config.train.num_epochs = 40 if arg.data in ("fer2013", "ferplus") else 30
-    config.train.num_steps = 0  # > 0 overrides num_epochs.
-    config.train.optimizer = "adamw"  # adam | adamw | sgd (momentum 0.9, nesterov)
-    config.train.learning_rate = 1e-3
-    config.train.weight_decay = 1e-4
-    config.train.schedule = "cosine"  # cosine | constant
-    config.train.warmup_epochs = 1.0
+    config.train = common.train_config(
+        num_epochs=40 if arg.data in ("fer2013", "ferplus") else 30)
 
     config.augment = ml_collections.ConfigDict(dict(
         flip=0.5, rotate_deg=10.0, scale=0.1, translate=0.1, brightness=0.2, contrast=0.2))
@@ -56,29 +50,9 @@ def base_config(arg, *, model: str) -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 500
     config.eval_batch_size = 256
 
-    # `federated`: the same model and loss trained by fer_jax.federated (configs/fedavg.py's
-    # knobs). BatchNorm would mix padded examples of partial client batches: ESR uses
-    # GroupNorm there, MA-Net (ResNet blocks) no norm.
-    fed = config.fed = ml_collections.ConfigDict()
-    fed.enabled = arg.federated
-    fed.partition = "subject" if arg.data in ("synthetic", "ckplus48") else "dirichlet"
-    fed.num_clients = 100  # iid / dirichlet only; 'subject' gives one client per subject.
-    fed.dirichlet_alpha = 0.5
-    fed.rounds = 100
-    fed.cohort_size = 10
-    fed.server_optimizer = "fedavg"  # fedavg | fedavgm | fedadam | fedyogi
-    fed.server_learning_rate = 0.0  # 0 = the optimizer's default.
-    fed.client_optimizer = "sgd"  # sgd | adam
-    fed.client_learning_rate = 0.05
-    fed.client_momentum = 0.0
-    fed.local_epochs = 1
-    fed.batch_size = 16
-    fed.weighting = "num_examples"
-    fed.prox_mu = 0.0
-    fed.clients_per_call = 1
-    fed.vmap_width = 1
-    fed.unroll = True
-    fed.steps_per_call = 0  # > 0: a client's local steps in calls of at most this many
+    # mode=federated: the same model and loss trained by fer_jax.federated. BatchNorm would
+    # mix padded examples of partial client batches: ESR uses GroupNorm there, MA-Net none.
+    config.fed = common.fed_config(arg.data, tail_multiple=0)
     config.eval_every_rounds = 10
     config.checkpoint_every_rounds = 10
 
@@ -87,16 +61,17 @@ def base_config(arg, *, model: str) -> ml_collections.ConfigDict:
         config.train.num_epochs = 3
         config.log_every_steps = 10
         config.checkpoint_every_steps = 20
-        fed.rounds = 6
-        fed.cohort_size = 4
+        config.fed.rounds = 6
+        config.fed.cohort_size = 4
         config.eval_every_rounds = 3
         config.checkpoint_every_rounds = 3
     return config
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, runlocal=False, data="synthetic", federated=False, branches=9,
+    arg = common.parse_arg(arg, runlocal=False, data="synthetic", mode="centralized", branches=9,
                            size=0, width=0.0)
+    federated = arg.mode == "federated"
     config = base_config(arg, model="esr")
     size = arg.size or (96 if arg.data in ("fer2013", "ferplus") else 48)
     if size not in (48, 96):
@@ -107,13 +82,13 @@ def get_config(arg=None):
     config.model.kwargs = ml_collections.ConfigDict(dict(
         num_branches=3 if arg.runlocal else arg.branches, cbam=True, cbam_spatial=True,
         reduction=16, padding="valid" if size == 96 else "same", width=width,
-        norm="group" if arg.federated else "batch"))
+        norm="group" if federated else "batch"))
 
     # Progressive training (Siqueira et al.): the base and branch 1 first, then one more branch
     # per stage; the steps are split equally over the B stages. Federated runs train all
     # branches from round 1.
     config.esr = ml_collections.ConfigDict(dict(
-        progressive=not arg.federated,
+        progressive=not federated,
         new_branch_init="fresh",  # fresh (its own random init) | copy (of the previous branch)
         base_lr_scale=1.0,  # update multipliers per group during a stage: the newest branch
         old_branch_lr_scale=1.0,  # gets 1, earlier branches and the base these.

@@ -26,7 +26,6 @@ fed.steps_per_call (0 = all local steps in one call; FER-2013 uses 8, see WORKSP
 import ml_collections
 
 from configs import common
-from configs.supervised import data_config
 
 _ENCODERS = {
     # norm='group' (GroupNorm, per example): clients pad partial batches and BatchNorm would mix
@@ -49,8 +48,10 @@ def get_config(arg=None):
                          f"{sorted(_ENCODERS)}")
     config = ml_collections.ConfigDict()
     config.experiment = "fedaffect"
+    # federated | centralized (the same two methods and budget on the pooled data)
+    config.mode = arg.mode
     config.seed = 0
-    config.data = data_config(arg.data, runlocal=arg.runlocal)
+    config.data = common.data_config(arg.data, runlocal=arg.runlocal)
     config.data.val_split = ""
     config.data.eval_split = "test"
     if arg.data == "synthetic":
@@ -72,7 +73,6 @@ def get_config(arg=None):
     config.model.relation_norm = "group"  # group | none: GroupNorm after each conv block
 
     fa = config.fedaffect = ml_collections.ConfigDict()
-    fa.mode = arg.mode  # federated | centralized (same models and budget, one pooled learner)
     fa.representation = arg.representation  # simclr | none (random encoder, no SimCLR rounds)
     fa.labeled_fraction = 0.5  # share of each client's images that carry labels
     fa.unlabeled = "rest"  # rest: the unlabeled share only | all: every image, labels dropped
@@ -104,15 +104,15 @@ def get_config(arg=None):
     few.learning_rate = 3e-3  # client Adam
     few.cohort_size = 8
 
-    fed = config.fed = ml_collections.ConfigDict()
+    # The engine's server and layout knobs; batch sizes, local steps, cohorts and client
+    # learning rates are the `repr` and `fewshot` blocks'.
+    fed = config.fed = common.fed_config(
+        arg.data, keep=("partition", "num_clients", "rounds", "server_optimizer",
+                        "server_learning_rate", "clients_per_call", "vmap_width", "unroll",
+                        "steps_per_call", "num_devices"))
     fed.partition = "subject" if arg.data in ("synthetic", "ckplus48") else "iid"
     fed.num_clients = 5  # iid only (FER-2013 in 5 random clients, the paper's Table 2)
     fed.rounds = 40
-    fed.server_optimizer = "fedavg"
-    fed.clients_per_call = 1
-    fed.vmap_width = 1
-    fed.unroll = True
-    fed.steps_per_call = 0  # > 0: a client's local steps in calls of at most this many
 
     config.eval_batch_size = 256
     config.checkpoint_every_rounds = 10
@@ -165,6 +165,6 @@ def get_config(arg=None):
 def get_sweep(arg=None):
     """The encoder ablation: SimCLR encoder vs random encoder vs centralized, 3 seeds."""
     del arg
-    return [{"fedaffect.mode": m, "fedaffect.representation": r, "seed": s}
+    return [{"mode": m, "fedaffect.representation": r, "seed": s}
             for m, r in (("federated", "simclr"), ("federated", "none"),
                          ("centralized", "simclr")) for s in (0, 1, 2)]

@@ -10,16 +10,15 @@ One ablation arm: configs/occlusion.py:data=ckplus48,variant=resatt (or
   --config.occlusion.attention=False --config.occlusion.adversarial=True).
 FER-2013: configs/occlusion.py:data=fer2013. The paper's ResNet-50: model=resnet50.
 Federated (the min-max steps inside the engine's clients, one client per subject):
-  python -m fer_jax.main --config=configs/occlusion.py:runlocal,federated --workdir=/tmp/occ_fl
+  python -m fer_jax.main --config=configs/occlusion.py:runlocal,mode=federated --workdir=/tmp/occ_fl
 
 Arguments: runlocal, data=synthetic|fer2013|ckplus48, model=resnet18|resnet50,
-variant=res|resatt|resadv|resattadv, federated.
+variant=res|resatt|resadv|resattadv, mode=centralized|federated.
 """
 
 import ml_collections
 
 from configs import common
-from configs.supervised import data_config
 
 VARIANTS = {  # name -> (attention, adversarial), the paper's Sec. 4.3 ablation.
     "res": (False, False),
@@ -32,7 +31,7 @@ EVAL_MODES = ("clean", "synthetic", "R8", "R16", "R24", "eyes", "mouth")
 
 def get_config(arg=None):
     arg = common.parse_arg(arg, runlocal=False, data="synthetic", model="resnet18",
-                           variant="resattadv", federated=False)
+                           variant="resattadv", mode="centralized")
     if arg.variant not in VARIANTS:
         raise ValueError(f"config argument variant={arg.variant!r}; expected one of "
                          f"{sorted(VARIANTS)}")
@@ -40,9 +39,10 @@ def get_config(arg=None):
         raise ValueError(f"config argument model={arg.model!r}; expected resnet18 or resnet50")
     config = ml_collections.ConfigDict()
     config.experiment = "occlusion"
+    config.mode = arg.mode
     config.seed = 0
 
-    config.data = data_config(arg.data, runlocal=arg.runlocal)
+    config.data = common.data_config(arg.data, runlocal=arg.runlocal)
     # 48x48 gray everywhere: CK+48 and FER-2013 are stored at that size (Table 3's R8-R24 and
     # the 24x24 eye/mouth squares refer to 48-pixel crops).
     config.data.image_size, config.data.channels = 48, 1
@@ -88,26 +88,12 @@ def get_config(arg=None):
     config.checkpoint_every_steps = 500
     config.eval_batch_size = 128
 
-    if arg.federated:
-        fed = config.fed = ml_collections.ConfigDict()
-        fed.partition = "subject" if arg.data in ("synthetic", "ckplus48") else "dirichlet"
-        fed.num_clients = 100
-        fed.dirichlet_alpha = 0.5
-        fed.rounds = 100
-        fed.cohort_size = 10
-        fed.server_optimizer = "fedavg"
-        fed.server_learning_rate = 0.0
-        fed.client_learning_rate = 1e-3  # Adam for F/R and for D
-        fed.local_epochs = 1
-        fed.batch_size = 16
-        fed.weighting = "num_examples"
-        fed.clients_per_call = 1  # a multiple of the mesh's devices x vmap_width
-        fed.num_devices = 0  # devices of the 'clients' mesh; 0 = all
-        fed.vmap_width = 1
-        fed.unroll = True
-        fed.steps_per_call = 0  # > 0: a client's local steps in calls of at most this many
-        config.eval_every_rounds = 10
-        config.checkpoint_every_rounds = 10
+    # mode=federated: the D step and the F+R step run inside the engine's clients (Adam for
+    # F/R and for D); F, R and D are averaged by the server.
+    config.fed = common.fed_config(arg.data, client_optimizer="adam", client_learning_rate=1e-3,
+                                   tail_multiple=0)
+    config.eval_every_rounds = 10
+    config.checkpoint_every_rounds = 10
 
     if arg.runlocal:
         config.model.kwargs.width = 8
@@ -121,7 +107,7 @@ def get_config(arg=None):
         config.checkpoint_every_steps = 6
         config.eval_batch_size = 64
         config.occlusion.figure_examples = 4
-        if arg.federated:
+        if arg.mode == "federated":
             config.fed.rounds = 3
             config.fed.cohort_size = 2
             config.fed.batch_size = 8

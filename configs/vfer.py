@@ -5,7 +5,9 @@ Embedded synthetic sequences, subject-disjoint (a few minutes on 2 CPU cores):
 Real CK+ videos (../shared/data/ckplus_videos, 10 subjects): IFER g on FER-2013 (its 6 classes
 shared with the videos), VFER v on 6 subjects, dev 1, personalize and test on the other 3:
   python -m fer_jax.main --config=configs/vfer.py:data=ckplus --workdir=/tmp/vfer_ck
-Arguments: runlocal (small sizes), data=synthetic|ckplus, weights=PATH (MobileNetV2 weights
+Arguments: runlocal (small sizes), data=synthetic|ckplus, mode=federated|centralized
+(centralized: v fine-tuned once on every test subject's pseudo-labelled clips pooled, the same
+client method as one client), weights=PATH (MobileNetV2 weights
 converted by fer_jax.models.convert: .npz from Keras .h5 / torchvision state_dict; without it f
 is randomly initialised, since no ImageNet weights can be downloaded here).
 Outputs in the workdir: eval.json (before/after tables, per subject, central before/after each
@@ -20,9 +22,10 @@ _DATA_ROOT = "../shared/data"
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, runlocal=False, data="synthetic", weights="")
+    arg = common.parse_arg(arg, runlocal=False, data="synthetic", weights="", mode="federated")
     config = ml_collections.ConfigDict()
     config.experiment = "vfer"
+    config.mode = arg.mode
     config.seed = 0
 
     data = config.data = ml_collections.ConfigDict()
@@ -76,10 +79,15 @@ def get_config(arg=None):
     pers.epochs = 2
     pers.batch_size = 32
 
-    fed = config.fed = ml_collections.ConfigDict()
+    # Head-only FedAvg of v: the engine's server and layout knobs (batch size, epochs and the
+    # client's Adam are `personalize`'s). Subjects are few and v is small: a wide rolled vmap.
+    fed = config.fed = common.fed_config(
+        keep=("rounds", "server_optimizer", "server_learning_rate", "clients_per_call",
+              "vmap_width", "unroll", "steps_per_call", "num_devices"))
     fed.rounds = 2
     fed.clients_per_call = 8
     fed.vmap_width = 8
+    fed.unroll = False
 
     config.checkpoint_every_rounds = 1
 

@@ -45,13 +45,13 @@ def test_bad_config_names_the_field(make_config, overrides, message):
 
 
 def test_federated_config_checks(make_config):
-    diversity.validate_config(make_config("esr", "runlocal,federated"))
-    diversity.validate_config(make_config("manet", "runlocal,federated"))
+    diversity.validate_config(make_config("esr", "runlocal,mode=federated"))
+    diversity.validate_config(make_config("manet", "runlocal,mode=federated"))
     with pytest.raises(ValueError, match="config.model.kwargs.norm='batch'"):
-        diversity.validate_config(make_config("esr", "runlocal,federated",
+        diversity.validate_config(make_config("esr", "runlocal,mode=federated",
                                               **{"model.kwargs.norm": "batch"}))
     with pytest.raises(ValueError, match="config.fed.partition='subject'"):
-        diversity.validate_config(make_config("esr", "data=fer2013,federated",
+        diversity.validate_config(make_config("esr", "data=fer2013,mode=federated",
                                               **{"fed.partition": "subject"}))
 
 
@@ -73,12 +73,12 @@ def test_config_arguments(make_config):
     c = make_config("esr", "data=fer2013,branches=15,size=48")
     assert (c.data.image_size, c.data.channels, c.model.kwargs.padding) == (48, 1, "same")
     assert c.model.kwargs.num_branches == 15
-    c = make_config("esr", "federated")
-    assert c.fed.enabled and not c.esr.progressive and c.model.kwargs.norm == "group"
+    c = make_config("esr", "mode=federated")
+    assert c.mode == "federated" and not c.esr.progressive and c.model.kwargs.norm == "group"
     c = make_config("manet", "data=ferplus")
     assert c.diversity.local_weight == 0.6 and c.model.kwargs.width == 64
     for name, arg in (("esr", None), ("esr", "data=ferplus"), ("manet", None),
-                      ("manet", "data=fer2013,federated")):
+                      ("manet", "data=fer2013,mode=federated")):
         diversity.validate_config(make_config(name, arg))
     with pytest.raises(ValueError, match="size=64"):
         make_config("esr", "size=64")
@@ -158,7 +158,7 @@ def test_manet_runlocal_end_to_end(tmp_path, make_config):
 
 @pytest.mark.slow
 def test_esr_federated_end_to_end(tmp_path, make_config):
-    config = make_config("esr", "runlocal,federated", **{**TINY,
+    config = make_config("esr", "runlocal,mode=federated", **{**TINY,
         # A chunk must cover every (fake, conftest) device of the clients mesh.
         "fed.clients_per_call": jax.device_count(),
         "fed.rounds": 2, "fed.cohort_size": 2, "fed.batch_size": 16, "eval_every_rounds": 1,

@@ -12,6 +12,11 @@ from fer_jax.experiments import fedaffect
 from fer_jax.io.checkpoint import Checkpointer
 
 
+def _config(make_config, arg, **overrides):
+    """configs/fedaffect.py on one device of the 8 fake ones: one client per call, as on CPU."""
+    return make_config("fedaffect", arg, **{"fed.num_devices": 1, **overrides})
+
+
 def _restore(config, workdir, num_classes=8):
     """The final {'rep', 'few'} server states from the run's last checkpoint."""
     rep_model, few_model = fedaffect.build_models(config, num_classes)
@@ -29,7 +34,7 @@ def _restore(config, workdir, num_classes=8):
 
 @pytest.mark.slow
 def test_runlocal_end_to_end(make_config, tmp_path, capsys):
-    config = make_config("fedaffect", "runlocal")
+    config = _config(make_config, "runlocal")
     fedaffect.validate_config(config)
     results = fedaffect.run(config, str(tmp_path))
     few = results["fewshot"]
@@ -43,7 +48,7 @@ def test_runlocal_end_to_end(make_config, tmp_path, capsys):
     assert len(train) == 3 and all(r["repr/clients"] == 3 and r["fewshot/clients"] == 3
                                    for r in train)
     assert all(np.isfinite(r["repr/loss"]) and r["fewshot/skipped_episodes"] == 0 for r in train)
-    assert "chance level 0.125" in capsys.readouterr().out
+    assert "(chance 0.125)" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -51,7 +56,7 @@ def test_encoder_hand_off(make_config, tmp_path):
     """Algorithm 1: after each SimCLR aggregation the few-shot embedding module is replaced by
     the aggregated encoder. With the encoder frozen in LocalFewShot, the final few-shot encoder
     must equal the final representation encoder exactly, while the relation module trained."""
-    config = make_config("fedaffect", "runlocal", **{"fedaffect.train_encoder": False,
+    config = _config(make_config, "runlocal", **{"fedaffect.train_encoder": False,
                                                      "fed.rounds": 1, "fedaffect.eval_episodes": 2,
                                                      "fedaffect.plot_points": 20})
     fedaffect.run(config, str(tmp_path / "a"))
@@ -74,7 +79,7 @@ def test_encoder_hand_off(make_config, tmp_path):
 
 
 def test_bad_clients_are_skipped_and_counted(make_config):
-    config = make_config("fedaffect", "runlocal", **{"fedaffect.labeled_fraction": 0.5})
+    config = _config(make_config, "runlocal", **{"fedaffect.labeled_fraction": 0.5})
     rng = np.random.default_rng(0)
     # Subject 0: 32 images (16 labeled, 16 unlabeled); subject 1: 10 images (5 labeled <= C);
     # subject 2: 1 image (labeled 0 or 1, unlabeled 0 or 1).
@@ -94,25 +99,25 @@ def test_bad_clients_are_skipped_and_counted(make_config):
 
 
 def test_run_without_unlabeled_or_labeled_clients_fails_clearly(make_config, tmp_path):
-    config = make_config("fedaffect", "runlocal", **{"fedaffect.labeled_fraction": 1.0,
+    config = _config(make_config, "runlocal", **{"fedaffect.labeled_fraction": 1.0,
                                                      "fedaffect.unlabeled": "rest"})
     with pytest.raises(ValueError, match="no client has unlabeled images"):
         fedaffect.run(config, str(tmp_path / "a"))
-    config = make_config("fedaffect", "runlocal", **{"fedaffect.labeled_fraction": 0.2})
+    config = _config(make_config, "runlocal", **{"fedaffect.labeled_fraction": 0.2})
     with pytest.raises(ValueError, match="no client has more than C=8 labeled"):
         fedaffect.run(config, str(tmp_path / "b"))
 
 
 @pytest.mark.parametrize("field,value,match", [
     ("model.kwargs.norm", "batch", "model.kwargs"),
-    ("fedaffect.mode", "split", "fedaffect.mode"),
+    ("mode", "split", "config.mode"),
     ("repr.batch_size", 1, "repr.batch_size"),
     ("fedaffect.unlabeled", "some", "fedaffect.unlabeled"),
     ("model.relation_norm", "batch", "model.relation_norm"),
     ("fedaffect.eval_protocol", "pairs", "fedaffect.eval_protocol"),
 ])
 def test_validate_config_names_the_field(make_config, field, value, match):
-    config = make_config("fedaffect", "runlocal", **{field: value})
+    config = _config(make_config, "runlocal", **{field: value})
     with pytest.raises(ValueError, match=match):
         fedaffect.validate_config(config)
 
@@ -120,15 +125,15 @@ def test_validate_config_names_the_field(make_config, field, value, match):
 def test_paper_and_real_data_configs_validate(make_config):
     for arg in ("paper", "data=ckplus48", "data=fer2013", "data=ckplus48,mode=centralized",
                 "representation=none"):
-        fedaffect.validate_config(make_config("fedaffect", arg))
-    assert make_config("fedaffect", "paper").model.name == "resnet50v2"
+        fedaffect.validate_config(_config(make_config, arg))
+    assert _config(make_config, "paper").model.name == "resnet50v2"
 
 
 @pytest.mark.slow
 def test_centralized_runlocal(make_config, tmp_path):
     # Cross-client episodes (CK+48's default protocol): supports of one unseen subject,
     # queries of the next.
-    config = make_config("fedaffect", "runlocal,mode=centralized",
+    config = _config(make_config, "runlocal,mode=centralized",
                          **{"fedaffect.eval_protocol": "cross_client"})
     results = fedaffect.run(config, str(tmp_path))
     assert results["mode"] == "centralized" and 0 <= results["fewshot"]["accuracy"] <= 1
@@ -141,7 +146,7 @@ def test_centralized_runlocal(make_config, tmp_path):
 def test_evaluate_spreads_episodes_over_usable_clients(make_config, protocol):
     """A held-out client with one class (and, across clients, the pair it supports) is skipped
     and counted; the other clients still give >= eval_episodes episodes in total."""
-    config = make_config("fedaffect", "runlocal", **{"fedaffect.eval_protocol": protocol,
+    config = _config(make_config, "runlocal", **{"fedaffect.eval_protocol": protocol,
                                                      "fedaffect.eval_episodes": 30})
     rep_model, few_model = fedaffect.build_models(config, 3)
     _, few_vars = fedaffect.init_variables(config, rep_model, few_model, 3)
@@ -164,7 +169,7 @@ def test_segmented_local_steps_give_the_same_run(make_config, tmp_path):
     device; what FER-2013 needs on CPU) trains the same two global models as one call."""
     states = []
     for steps in (0, 1):
-        config = make_config("fedaffect", "runlocal", **{
+        config = _config(make_config, "runlocal", **{
             "fed.rounds": 1, "fed.steps_per_call": steps, "fedaffect.eval_episodes": 2,
             "fedaffect.plot_points": 20})
         fedaffect.run(config, str(tmp_path / str(steps)))

@@ -4,6 +4,7 @@ one-client federated round on the same data and seed start equal and take the sa
 import jax
 import numpy as np
 import optax
+import pytest
 
 from fer_jax import federated as fl
 from fer_jax.federated import config as fed_config
@@ -15,13 +16,9 @@ def _first_steps(method, variables, data: dict, *, batch_size: int, seed: int = 
     one local step with server learning rate 1) on the same `batch_size` examples."""
     n = len(next(iter(data.values())))
     assert n == batch_size, "one batch: the round takes exactly one local step"
-    init_key, step_key = loops.client_keys(loops.run_key(seed))
-    trainable = (True,) * len(jax.tree.leaves(variables))
-    state = method.init(variables, trainable, init_key)
-    idx = loops.PooledOrder(n, batch_size, seed).indices(0)
-    state, _ = jax.jit(method.step)(state, {k: v[idx] for k, v in data.items()},
-                                    np.ones(batch_size, bool), jax.random.fold_in(step_key, 0))
-    central = jax.device_get(method.final(state))
+    learner = loops.PooledLearner(method, variables, data, batch_size, seed=seed)
+    learner.step(0)
+    central = jax.device_get(learner.variables())
 
     fed = dict(fed_config.fed_defaults(), batch_size=batch_size, tail_multiple=0,
                clients_per_call=1)
@@ -64,5 +61,78 @@ def test_supervised_same_first_step(make_config):
     data = {"image": rng.integers(0, 256, (6, 48, 48, 1), dtype=np.uint8),
             "label": np.arange(6, dtype=np.int32) % 8}
     central, federated = _first_steps(method, variables, data, batch_size=6)
+    assert _moved(variables, central)
+    _assert_trees_close(central, federated)
+
+
+def _faces(n, size=48, classes=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"image": rng.integers(0, 256, (n, size, size, 1), dtype=np.uint8),
+            "label": (np.arange(n) % classes).astype(np.int32)}
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("esr", {"model.kwargs.num_branches": 2, "model.kwargs.width": 0.125,
+             "esr.progressive": False}),
+    ("manet", {"model.kwargs.width": 4}),
+])
+def test_diversity_same_first_step(make_config, name, kwargs):
+    from fer_jax.experiments import diversity
+
+    config = make_config(name, "runlocal,mode=federated", **kwargs)
+    model = diversity.build_model(config, 8)
+    variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, 48, 48, 1)),
+                                           train=False))()
+    method = diversity.client(config, model, optax.sgd(0.1))
+    central, federated = _first_steps(method, variables, _faces(4), batch_size=4)
+    assert _moved(variables, central)
+    _assert_trees_close(central, federated)
+
+
+def test_occlusion_same_first_step(make_config):
+    from fer_jax.experiments import occlusion
+
+    config = make_config("occlusion", "runlocal,mode=federated", **{
+        "model.kwargs.width": 4, "model.attention_hidden": 4, "model.disc_hidden": 8})
+    net, disc = occlusion.build_models(config, 8)
+    variables = occlusion.init_variables(config, net, disc)
+    opt = optax.adam(1e-2)
+    method = occlusion.client(config, net, disc, opt, opt, 4)
+    central, federated = _first_steps(method, variables, _faces(4, size=32), batch_size=4)
+    assert _moved(variables, central)
+    _assert_trees_close(central, federated)
+
+
+def test_fedaffect_same_first_step(make_config):
+    from fer_jax.experiments import fedaffect
+
+    config = make_config("fedaffect", "runlocal")
+    rep_model, few_model = fedaffect.build_models(config, 8)
+    rep_vars, few_vars = fedaffect.init_variables(config, rep_model, few_model, 8)
+    rep_method, few_method = fedaffect.build_methods(config, rep_model, few_model, 8)
+    data = _faces(16)
+    central, federated = _first_steps(rep_method, rep_vars, {"image": data["image"]},
+                                      batch_size=16)
+    assert _moved(rep_vars, central)
+    _assert_trees_close(central, federated)
+    central, federated = _first_steps(few_method, few_vars, data, batch_size=16)
+    assert _moved(few_vars, central)
+    _assert_trees_close(central, federated)
+
+
+def test_vfer_same_first_step():
+    from fer_jax import models
+    from fer_jax.steps import vfer as steps
+
+    head = models.VFERHead(3, dense=(5, 4), lstm=3)
+    rng = np.random.default_rng(2)
+    data = {"features": rng.normal(size=(5, 4, 6)).astype(np.float32),
+            "frame_mask": np.ones((5, 4), bool),
+            "label": np.array([0, 1, 2, 1, 0], np.int32)}
+    v = head.init(jax.random.PRNGKey(0), data["features"], data["frame_mask"], train=False)
+    variables = {"params": {"v": v["params"], "personal": v["params"]},
+                 "batch_stats": {"v": v["batch_stats"]}}
+    method = steps.PersonalizeClient(head, optax.adam(1e-2))
+    central, federated = _first_steps(method, variables, data, batch_size=5)
     assert _moved(variables, central)
     _assert_trees_close(central, federated)

@@ -49,8 +49,9 @@ def test_resume_is_exact(make_config, tmp_path):
 @pytest.mark.slow
 def test_federated_min_max_clients(make_config, tmp_path):
     # One device of the 8 fake ones: one client per jitted chunk, as on the CPU machine.
-    config = _small(make_config, "runlocal,federated", **{"occlusion.eval_modes": "clean,R16",
-                                                          "fed.num_devices": 1})
+    config = _small(make_config, "runlocal,mode=federated",
+                    **{"occlusion.eval_modes": "clean,R16",
+                       "fed.num_devices": 1})
     experiment.validate_config(config)
     results = experiment.run(config, str(tmp_path))
     assert set(results["accuracy"]) == {"clean", "R16"} and results["steps"] == 3

@@ -1,9 +1,9 @@
-"""Occlusion-robust FER by adversarial learning (configs/occlusion.py; PAPERS.md sec. 5).
+"""Occlusion-robust FER by adversarial learning (configs/occlusion.py; docs/papers.md).
 
-Centralized: the supervised driver's loop (deterministic batch order, fold_in(rng, step) keys,
-orbax checkpoint/resume, NaN checks) around the jitted D step + F+R step of
-fer_jax.steps.occlusion. Federated (`configs/occlusion.py:federated`): the same two steps run
-inside the engine's clients (`OcclusionClient`); F, R and D are averaged by the server.
+The method is `steps.occlusion.OcclusionClient`: on each batch the D step, then the F+R step
+(occluders drawn from the step key). `mode=centralized` runs it on the pooled training set with
+the paper's Adam and periodic cosine schedule (fer_jax.train.loops); `mode=federated` runs it
+inside the engine's clients, and the server averages F, R and D.
 
 Reports (workdir): metrics.jsonl / TensorBoard; eval.json with the test accuracy under every
 evaluation mode (clean, synthetic occluders, R8, R16, R24, eyes, mouth), the mask IoU of phi
@@ -26,15 +26,14 @@ from absl import logging
 from fer_jax import data as data_lib
 from fer_jax import federated as fl
 from fer_jax.data import occluders
+from fer_jax.data import partition as partition_lib
 from fer_jax.data.augment import AugmentConfig
 from fer_jax.evaluation import metrics as metrics_lib
 from fer_jax.evaluation import plots
-from fer_jax.experiments import fedavg, supervised
-from fer_jax.io.checkpoint import Checkpointer
-from fer_jax.io.metrics import MetricWriter
-from fer_jax.io.progress import Progress
+from fer_jax.federated import config as fed_config
 from fer_jax.models.occlusion import FeatureDiscriminator, occlusion_net
 from fer_jax.steps import occlusion as steps
+from fer_jax.train import Run, checks, loops
 
 BACKBONES = ("resnet18", "resnet50")
 OPTIMIZERS = ("adam", "adamw")
@@ -48,12 +47,8 @@ def _names(text: str) -> tuple[str, ...]:
 
 def validate_config(config) -> None:
     """Raises ValueError naming the first bad field; called by main before any work."""
-    check = supervised.config_checker(config)
-    check(config.data.name in data_lib.DATASETS, "data.name", f"one of {sorted(data_lib.DATASETS)}")
-    check(config.data.image_size >= 16, "data.image_size", "an image size >= 16")
-    check(config.data.channels in (1, 3), "data.channels", "1 or 3")
-    check(config.model.name in BACKBONES, "model.name", f"one of {BACKBONES}")
-    AugmentConfig(**config.augment)
+    check = checks.checker(config)
+    checks.data_model(config, check, model_names=BACKBONES)
     occ = config.occlusion
     check(0 <= occ.rate <= 1, "occlusion.rate", "a fraction in [0, 1]")
     check(occ.lambda_noisy >= 0, "occlusion.lambda_noisy", ">= 0")
@@ -66,7 +61,11 @@ def validate_config(config) -> None:
     except ValueError as e:
         raise ValueError(f"config.occlusion (shapes/textures/min_frac/max_frac) or "
                          f"config.data.image_size: {e}") from e
-    train = config.train
+    check(config.mode in checks.MODES, "mode", f"one of {checks.MODES}")
+    if config.mode == "federated":
+        checks.mode(config, check)
+        return
+    train = config.train  # The paper's Adam with a periodic cosine: not the shared block.
     check(train.batch_size >= 1, "train.batch_size", "a positive batch size")
     check(train.num_epochs > 0 or train.num_steps > 0, "train.num_epochs",
           "> 0 (or train.num_steps > 0)")
@@ -78,18 +77,6 @@ def validate_config(config) -> None:
     check(train.period_epochs > 0, "train.period_epochs", "> 0")
     check(config.checkpoint_every_steps >= 1, "checkpoint_every_steps", ">= 1")
     check(config.log_every_steps >= 1, "log_every_steps", ">= 1")
-    if "fed" in config:
-        fed = config.fed
-        check(fed.partition in fedavg.PARTITIONS, "fed.partition", f"one of {fedavg.PARTITIONS}")
-        check(fed.rounds >= 1, "fed.rounds", ">= 1")
-        check(fed.cohort_size >= 1, "fed.cohort_size", ">= 1")
-        check(fed.server_optimizer in fedavg.SERVER_OPTIMIZERS, "fed.server_optimizer",
-              f"one of {fedavg.SERVER_OPTIMIZERS}")
-        check(fed.client_learning_rate > 0, "fed.client_learning_rate", "> 0")
-        check(fed.batch_size >= 1, "fed.batch_size", ">= 1")
-        check(fed.clients_per_call >= 1, "fed.clients_per_call", ">= 1")
-        check(fed.num_devices >= 0, "fed.num_devices", ">= 0 (0 = every device)")
-        check(config.checkpoint_every_rounds >= 1, "checkpoint_every_rounds", ">= 1")
 
 
 def occluder_config(config) -> occluders.OccluderConfig:
@@ -264,156 +251,96 @@ def variant_name(config) -> str:
     return "M_Res" + ("Att" if occ.attention else "") + ("Adv" if occ.adversarial else "")
 
 
-def run(config, workdir: str) -> dict:
-    workdir = pathlib.Path(workdir)
-    writer = MetricWriter(workdir)
-    writer.write_json("config.json", config.to_dict())
-    t_start = time.perf_counter()
-    dataset = data_lib.load(config.data)
-    train, test = dataset[config.data.train_split], dataset[config.data.eval_split]
-    logging.info("%s %s: classes %s, train %d, test %d", variant_name(config), dataset.name,
-                 dataset.class_names, len(train), len(test))
-    net, disc = build_models(config, dataset.num_classes)
-    if "fed" in config:
-        params, batch_stats, steps_done = _train_federated(config, workdir, writer, net, disc,
-                                                           dataset, train, test)
-    else:
-        params, batch_stats, steps_done = _train_centralized(config, workdir, writer, net, disc,
-                                                             dataset, train, test)
-    train_seconds = time.perf_counter() - t_start
-
-    centres = region_centres(config, test)
-    results, reports = evaluate_modes(config, params, batch_stats, net, test, dataset.num_classes,
-                                      dataset.class_names, centres)
-    writer.write(steps_done, {f"eval/{m}_accuracy": a for m, a in results["accuracy"].items()})
-    name = variant_name(config)
-    if "clean" in reports:
-        cm, report = reports["clean"]
-        plots.save_confusion_matrix(cm, dataset.class_names, workdir / "confusion_matrix.png",
-                                    title=f"{name} on {dataset.name}: clean acc "
-                                          f"{report['accuracy']:.3f}")
-        results["test"], results["confusion_matrix"] = report, cm.tolist()
-    save_mask_figure(config, params, batch_stats, net, test, workdir / "occlusion_masks.png",
-                     f"{name} on {dataset.name}: synthetic occluders, true and learned masks")
-    results.update(variant=name, dataset=dataset.name, class_names=list(dataset.class_names),
-                   steps=steps_done, seed=config.seed, train_seconds=train_seconds,
-                   wall_seconds=time.perf_counter() - t_start)
-    writer.write_json("eval.json", results)
-    logging.info("%s accuracy: %s", name, {m: round(a, 4)
-                                           for m, a in results["accuracy"].items()})
-    writer.close()
-    return results
-
-
-def _train_centralized(config, workdir, writer, net, disc, dataset, train, test):
-    order = supervised.EpochOrder(len(train), config.train.batch_size, config.seed)
-    total = config.train.num_steps or int(config.train.num_epochs * order.steps_per_epoch)
-    tx = make_optimizer(config.train, config.train.learning_rate, order.steps_per_epoch)
-    d_tx = make_optimizer(config.train, config.train.d_learning_rate or config.train.learning_rate,
-                          order.steps_per_epoch)
-    shape = (config.data.image_size, config.data.image_size, config.data.channels)
-    settings = settings_for(config, config.train.batch_size)
-    state = steps.init_state(net, disc, tx, d_tx, seed=config.seed, input_shape=shape,
-                             adversarial=config.occlusion.adversarial)
-    checkpointer = Checkpointer(workdir, every_steps=config.checkpoint_every_steps)
-    state, start = checkpointer.restore_or(state)
-    if start:
-        logging.info("resumed from the checkpoint of step %d in %s", start, checkpointer.directory)
-    train_step = jax.jit(functools.partial(steps.train_step, net=net, disc=disc, tx=tx,
-                                           d_tx=d_tx, settings=settings), donate_argnums=0)
-    eval_every = config.eval_every_steps or order.steps_per_epoch
-    clean_predict = jax.jit(lambda p, b, x: steps.predict(
-        p, b, steps.preprocess(x, image_size=shape[0], channels=shape[2]), net=net)[0])
-
-    progress = Progress(total, desc="train", start=start)
-    sums, window, t0 = {}, 0, time.perf_counter()
-    for step in range(start, total):
-        idx = np.sort(order.indices(step))
-        state, m = train_step(state, {"image": train.images[idx], "label": train.labels[idx]})
-        sums = {k: sums.get(k, 0.0) + v for k, v in m.items()}
-        window += 1
-        done = step + 1
-        if done % config.log_every_steps == 0 or done == total:
-            supervised._check_finite(sums["loss"], done, checkpointer)
-            seconds = time.perf_counter() - t0
-            writer.write(done, {**{f"train/{k}": v / window for k, v in sums.items()},
-                                "train/images_per_s": window * config.train.batch_size / seconds,
-                                "train/epoch": done / order.steps_per_epoch})
-            progress.update(done, loss=float(sums["loss"] / window))
-            sums, window, t0 = {}, 0, time.perf_counter()
-        if checkpointer.should_save(done) or done == total:
-            if sums:
-                supervised._check_finite(sums["loss"], done, checkpointer)
-            checkpointer.save(done, state)
-        if done % eval_every == 0 and done != total:
-            cm = supervised.evaluate(functools.partial(clean_predict, state.params,
-                                                       state.batch_stats), test,
-                                     config.eval_batch_size, dataset.num_classes)
-            writer.write(done, {"eval/clean_accuracy": float(np.trace(cm) / max(cm.sum(), 1))})
-    checkpointer.close()
-    return state.params, state.batch_stats, total
-
-
-def _train_federated(config, workdir, writer, net, disc, dataset, train, test):
-    fed = config.fed
-    parts = fedavg.partition(config, train, dataset.num_classes)
-    summary = parts.summary(train.labels, dataset.num_classes)
-    writer.write_json("partition.json", summary)
-    population = fl.ArrayPopulation.from_clients(
-        [{"image": train.images[i], "label": train.labels[i].astype(np.int32)}
-         for i in parts.client_indices])
-    sampler = fl.CohortSampler(population.num_clients, min(fed.cohort_size,
-                                                           population.num_clients))
+def init_variables(config, net, disc):
+    """{'params': {'net': F and R, 'disc': D}, 'batch_stats'}: D is initialised on F's pooled
+    features (its input width)."""
     shape = (config.data.image_size, config.data.image_size, config.data.channels)
     x = jnp.zeros((1, *shape), jnp.float32)
     variables = net.init(jax.random.PRNGKey(config.seed), x, train=False)
     feats = net.apply(variables, x, train=False)["embedding"]
-    variables = {"params": {"net": variables["params"],
-                            "disc": disc.init(jax.random.PRNGKey(config.seed + 7),
-                                              feats)["params"]},
-                 **({"batch_stats": variables["batch_stats"]} if "batch_stats" in variables
-                    else {})}
-    most_steps = fed.local_epochs * -(-summary["sizes"]["max"] // fed.batch_size)
-    buckets = tuple(b for b in fl.packing.DEFAULT_STEP_BUCKETS if b < most_steps) + (most_steps,)
-    client_opt = optax.adam(fed.client_learning_rate)
-    method = steps.OcclusionClient(net, disc, client_opt, client_opt,
-                                   settings_for(config, fed.batch_size))
-    server_kwargs = {} if fed.server_learning_rate <= 0 else {
-        "learning_rate": fed.server_learning_rate}
-    engine = fl.FederatedEngine(
-        method, server_optimizer=fl.server_optimizer(fed.server_optimizer, **server_kwargs),
-        packing=fl.PackingConfig(batch_size=fed.batch_size, local_epochs=fed.local_epochs,
-                                 clients_per_call=fed.clients_per_call, step_buckets=buckets),
-        backend=fl.RoundBackend.from_config(fed),
-        weighting=fed.weighting,
-        mesh=fl.clients_mesh(jax.devices()[:fed.num_devices] if fed.num_devices else None))
-    state = engine.init(variables)
-    checkpointer = Checkpointer(workdir, every_steps=config.checkpoint_every_rounds)
-    state, start = checkpointer.restore_or(state)
-    if start:
-        state = engine.place(state)
-        logging.info("resumed from round %d in %s", start, checkpointer.directory)
-    key = jax.random.PRNGKey(config.seed + 1)
-    progress = Progress(fed.rounds, desc="rounds", start=start)
-    for r in range(start, fed.rounds):
-        t0 = time.perf_counter()
-        plan = engine.plan(population, sampler.sample(config.seed, r))
-        try:
-            state, result = engine.run_round(state, population, plan, key, seed=config.seed)
-        except fl.NonFiniteClientError as e:
-            raise FloatingPointError(
-                f"round {r + 1}: non-finite updates from clients {e.client_ids}; the last good "
-                f"checkpoint (round {checkpointer.latest_step()}) is kept in "
-                f"{checkpointer.directory}") from e
-        count = max(result.totals["count"], 1.0)
-        writer.write(r + 1, {**{f"train/{k[:-4]}": v / count for k, v in result.totals.items()
-                                if k.endswith("_sum")},
-                             "train/accuracy": result.totals["correct"] / count,
-                             "round/seconds": time.perf_counter() - t0,
-                             "round/clients": result.client_updates})
-        progress.update(r + 1, loss=result.totals["loss_sum"] / count)
-        if checkpointer.should_save(r + 1) or r + 1 == fed.rounds:
-            checkpointer.save(r + 1, state)
-    checkpointer.close()
-    v = fl.mesh.to_host(state.variables)
-    return v["params"]["net"], v.get("batch_stats", {}), fed.rounds
+    d_params = disc.init(jax.random.PRNGKey(config.seed + 7), feats)["params"]
+    return {"params": {"net": variables["params"], "disc": d_params},
+            **({"batch_stats": variables["batch_stats"]} if "batch_stats" in variables else {})}
+
+
+def client(config, net, disc, tx, d_tx, batch_size: int) -> steps.OcclusionClient:
+    """The method: the D step then the F+R step on each batch (occluders from the step key)."""
+    return steps.OcclusionClient(net, disc, tx, d_tx, settings_for(config, batch_size))
+
+
+def run(config, workdir: str) -> dict:
+    centralized = config.mode == "centralized"
+    run = Run(config, workdir, every=config.checkpoint_every_steps if centralized
+              else config.checkpoint_every_rounds)
+    t_start = time.perf_counter()
+    dataset = data_lib.load(config.data)
+    train, test = dataset[config.data.train_split], dataset[config.data.eval_split]
+    name = variant_name(config)
+    logging.info("%s %s: classes %s, train %d, test %d", name, dataset.name,
+                 dataset.class_names, len(train), len(test))
+    net, disc = build_models(config, dataset.num_classes)
+    size, channels = config.data.image_size, config.data.channels
+    clean = jax.jit(lambda v, x: steps.predict(
+        v["params"]["net"], v.get("batch_stats", {}),
+        steps.preprocess(x, image_size=size, channels=channels), net=net)[0])
+
+    def evaluate(variables, step):
+        logits = loops.predict_batches(functools.partial(clean, variables), test.images,
+                                       config.eval_batch_size)
+        run.writer.write(step, {"eval/clean_accuracy": float(np.mean(logits.argmax(-1)
+                                                                     == test.labels))})
+
+    variables = init_variables(config, net, disc)
+    if centralized:
+        order = loops.PooledOrder(len(train), config.train.batch_size, config.seed)
+        total = config.train.num_steps or int(config.train.num_epochs * order.steps_per_epoch)
+        tx = make_optimizer(config.train, config.train.learning_rate, order.steps_per_epoch)
+        d_tx = make_optimizer(config.train, config.train.d_learning_rate
+                              or config.train.learning_rate, order.steps_per_epoch)
+        variables = loops.centralized(
+            run, client(config, net, disc, tx, d_tx, config.train.batch_size), variables,
+            {"image": train.images, "label": train.labels.astype(np.int32)},
+            batch_size=config.train.batch_size, total_steps=total, seed=config.seed,
+            log_every=config.log_every_steps,
+            eval_every=config.eval_every_steps or order.steps_per_epoch, evaluate=evaluate)
+        done = total
+    else:
+        fed = config.fed
+        parts = partition_lib.from_config(fed, train, seed=config.seed,
+                                          dataset_name=config.data.name)
+        summary = parts.summary(train.labels, dataset.num_classes)
+        run.writer.write_json("partition.json", summary)
+        population = fl.ArrayPopulation.from_clients(
+            [{"image": train.images[i], "label": train.labels[i].astype(np.int32)}
+             for i in parts.client_indices])
+        opt = fed_config.client_optimizer(fed)
+        engine = fed_config.build_engine(fed, client(config, net, disc, opt, opt, fed.batch_size),
+                                         max_client_size=summary["sizes"]["max"])
+        state = loops.federated(
+            run, engine, population, variables, num_rounds=fed.rounds,
+            cohort_size=fed.cohort_size, seed=config.seed, eval_every=config.eval_every_rounds,
+            evaluate=lambda s, r: evaluate(loops.server_variables(s), r))
+        variables, done = loops.server_variables(state), fed.rounds
+    train_seconds = time.perf_counter() - t_start
+
+    params, batch_stats = variables["params"]["net"], variables.get("batch_stats", {})
+    results, reports = evaluate_modes(config, params, batch_stats, net, test, dataset.num_classes,
+                                      dataset.class_names, region_centres(config, test))
+    run.writer.write(done, {f"eval/{m}_accuracy": a for m, a in results["accuracy"].items()})
+    if "clean" in reports:
+        cm, report = reports["clean"]
+        plots.save_confusion_matrix(cm, dataset.class_names, run.workdir / "confusion_matrix.png",
+                                    title=f"{name} on {dataset.name}: clean acc "
+                                          f"{report['accuracy']:.3f}")
+        results["test"], results["confusion_matrix"] = report, cm.tolist()
+    save_mask_figure(config, params, batch_stats, net, test, run.workdir / "occlusion_masks.png",
+                     f"{name} on {dataset.name}: synthetic occluders, true and learned masks")
+    results.update(variant=name, dataset=dataset.name, class_names=list(dataset.class_names),
+                   steps=done, seed=config.seed, train_seconds=train_seconds,
+                   wall_seconds=time.perf_counter() - t_start)
+    accuracy = results["accuracy"]
+    headline = "clean" if "clean" in accuracy else next(iter(accuracy))
+    others = ", ".join(f"{m} {a:.3f}" for m, a in accuracy.items() if m != headline)
+    return run.finish(results, metric=f"{name} {headline} accuracy", value=accuracy[headline],
+                      chance=1 / dataset.num_classes,
+                      detail=f"; {others}" if others else "")

@@ -36,19 +36,19 @@ from fer_jax import federated as fl
 from fer_jax.data import video as video_lib
 from fer_jax.evaluation import metrics as metrics_lib
 from fer_jax.evaluation import plots
-from fer_jax.experiments.supervised import config_checker
-from fer_jax.io.checkpoint import Checkpointer
-from fer_jax.io.metrics import MetricWriter
+from fer_jax.federated import config as fed_config
 from fer_jax.models import vfer as vfer_models
 from fer_jax.steps import vfer as steps
 from fer_jax.steps.supervised import preprocess
+from fer_jax.train import Run, checks, optim
 
 DATA = ("synthetic", "ckplus")
 
 
 def validate_config(config) -> None:
     """Raises ValueError naming the first bad field."""
-    check = config_checker(config)
+    check = checks.checker(config)
+    check(config.mode in checks.MODES, "mode", f"one of {checks.MODES}")
     d = config.data
     check(d.name in DATA, "data.name", f"one of {DATA}")
     check(d.image_size >= 32, "data.image_size", ">= 32")
@@ -72,9 +72,7 @@ def validate_config(config) -> None:
     check(p.max_per_class >= 1, "personalize.max_per_class", ">= 1")
     check(0 <= p.threshold < 1, "personalize.threshold", "in [0, 1)")
     check(p.epochs >= 1 and p.batch_size >= 1, "personalize.epochs", ">= 1 (and batch_size)")
-    check(config.fed.rounds >= 1, "fed.rounds", ">= 1")
-    check(config.fed.clients_per_call >= 1 and config.fed.vmap_width >= 1,
-          "fed.clients_per_call", ">= 1 (and vmap_width >= 1)")
+    fed_config.validate(config, check, partitions=False)
 
 
 def _path(p: str) -> pathlib.Path:
@@ -259,13 +257,6 @@ def train_head(kind, head, variables, train, dev, tcfg, *, seed, class_weights, 
     return {"params": state.params, "batch_stats": state.batch_stats}
 
 
-def balanced_weights(labels, num_classes):
-    """N / (K * count_k) (Keras/sklearn 'balanced'); a class absent from training gets 0."""
-    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
-    return np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0
-                    ).astype(np.float32)
-
-
 # ----------------------------------------------------------------------------- personalization
 
 
@@ -308,18 +299,12 @@ def personalization_population(config, g_head, g_vars, feats, fmask, groups):
 
 
 def build_engine(config, v_head, max_selected: int):
-    p, fed = config.personalize, config.fed
-    unit = jax.device_count() * fed.vmap_width
-    per_call = -(-fed.clients_per_call // unit) * unit
-    most = p.epochs * -(-max_selected // p.batch_size)
-    buckets = tuple(b for b in fl.packing.DEFAULT_STEP_BUCKETS if b < most) + (most,)
-    return fl.FederatedEngine(
-        steps.PersonalizeClient(v_head, optax.adam(p.learning_rate)),
-        server_optimizer=fl.server_optimizer("fedavg"),
-        param_filter=fl.regex_filter(steps.PARAM_RULES, fl.FROZEN),
-        packing=fl.PackingConfig(batch_size=p.batch_size, local_epochs=p.epochs,
-                                 clients_per_call=per_call, step_buckets=buckets),
-        backend=fl.RoundBackend(vmap_width=fed.vmap_width))
+    """Head-only FedAvg of v (PARAM_RULES): `personalize`'s batch, epochs and Adam."""
+    p = config.personalize
+    return fed_config.build_engine(
+        config.fed, steps.PersonalizeClient(v_head, optax.adam(p.learning_rate)),
+        max_client_size=max_selected, param_filter=fl.regex_filter(steps.PARAM_RULES, fl.FROZEN),
+        batch_size=p.batch_size, local_epochs=p.epochs, tail_multiple=0)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -347,9 +332,9 @@ def _v_vars(params, stats):
 
 def run(config, workdir: str) -> dict:
     t_start = time.perf_counter()
-    workdir = pathlib.Path(workdir)
-    writer = MetricWriter(workdir)
-    writer.write_json("config.json", config.to_dict())
+    run = Run(config, workdir, every=1)
+    workdir, writer, checkpointer = run.workdir, run.writer, run.checkpointer
+    pooled = config.mode == "centralized"
     cache_dir = config.data.cache_dir or str(workdir / "cache")
 
     t0 = time.perf_counter()
@@ -392,8 +377,8 @@ def run(config, workdir: str) -> dict:
     test_subjects = split["test"]
     groups = _by_subject(corpus.subjects, test_subjects)
     local_template = {"params": {"personal": v_vars["params"]}}
-    store = fl.LocalStore(local_template, len(test_subjects))
-    checkpointer = Checkpointer(workdir, every_steps=1)
+    # Centralized: one client holding every subject's selected clips (one adapted head).
+    store = fl.LocalStore(local_template, 1 if pooled else len(test_subjects))
     state_like = {"g": g_vars, "v": v_vars, "server": None, "personal": store.values}
 
     # ---- 1. IFER and VFER (checkpoint step 1)
@@ -402,8 +387,8 @@ def run(config, workdir: str) -> dict:
         imgs = ifer_images(config, names)
         ifer_feats = {s: (image_features(featurize, x, config.model.feature_batch), y)
                       for s, (x, y) in imgs.items()}
-        cw = (balanced_weights(ifer_feats["train"][1], k) if config.ifer.class_weights ==
-              "balanced" else np.ones(k, np.float32))
+        cw = (optim.balanced_class_weights(ifer_feats["train"][1], k)
+              if config.ifer.class_weights == "balanced" else np.ones(k, np.float32))
         g_vars = train_head("ifer", g_head, g_vars, ifer_feats["train"], ifer_feats["dev"],
                             config.ifer, seed=config.seed, class_weights=cw, writer=writer)
         dev_logits = g_head.apply(g_vars, ifer_feats["dev"][0], train=False)
@@ -463,7 +448,10 @@ def run(config, workdir: str) -> dict:
         t0 = time.perf_counter()
         clients, pseudo = personalization_population(config, g_head, g_vars, feats, fmask, groups)
         sizes = np.array([len(c["label"]) for c in clients])
-        active = np.nonzero(sizes > 0)[0]
+        adapted = np.nonzero(sizes > 0)[0]
+        if pooled:
+            clients = [{k_: np.concatenate([c[k_] for c in clients]) for k_ in clients[0]}]
+        active = np.nonzero([len(c["label"]) for c in clients])[0]
         skipped = [str(test_subjects[i]) for i in np.nonzero(sizes == 0)[0]]
         pseudo_acc = [float(np.mean(c["label"] == corpus.labels[c["video_index"]]))
                       for c in clients if len(c["label"])]
@@ -490,13 +478,14 @@ def run(config, workdir: str) -> dict:
         after_subject = {}
         for i, (s, g) in enumerate(zip(test_subjects, groups, strict=True)):
             # Skipped subjects keep the central model they were sent (no adaptation).
-            params = (jax.tree.map(lambda x, i=i: x[i], store.values["params"]["personal"])
-                      if i in active else central0["params"])
+            row = 0 if pooled else i
+            params = (jax.tree.map(lambda x, j=row: x[j], store.values["params"]["personal"])
+                      if i in adapted else central0["params"])
             pv = _v_vars(params, central0["batch_stats"])
             after_preds[g] = np.asarray(predict(pv, feats[g], fmask[g]))
             after_subject[str(s)] = report_of(corpus.labels[g], after_preds[g], names)
         rounds.append({
-            "round": r + 1, "seconds": seconds, "subjects_adapted": len(active),
+            "round": r + 1, "seconds": seconds, "subjects_adapted": len(adapted),
             "subjects_skipped_no_confident_video": skipped,
             "selected_videos": sizes.tolist(),
             "pseudo_label_accuracy_of_selected": float(np.mean(pseudo_acc)) if pseudo_acc
@@ -507,11 +496,11 @@ def run(config, workdir: str) -> dict:
             "after_personalization_per_subject": after_subject,
             "central_after_fedavg": central_report,
             "bytes_sent_per_client": {"v_only": v_bytes, "whole_model": whole_bytes}})
-        writer.write(r + 1, {"round/seconds": seconds, "round/subjects": len(active),
+        writer.write(r + 1, {"round/seconds": seconds, "round/subjects": len(adapted),
                              "after/micro_f1": rounds[-1]["after_personalization"]["micro"]["f1"],
                              "central/macro_f1": central_report["macro"]["f1"]})
         logging.info("round %d: %d subjects adapted (%d skipped), selected %s, %.2fs", r + 1,
-                     len(active), len(skipped), sizes.tolist(), seconds)
+                     len(adapted), len(skipped), sizes.tolist(), seconds)
         rounds_path.write_text(json.dumps(rounds))
         checkpointer.save(r + 2, {"g": g_vars, "v": central0, "server": server,
                                   "personal": store.values})
@@ -538,12 +527,12 @@ def run(config, workdir: str) -> dict:
         "seconds": {"corpus": t_corpus, "features": t_features, "train": t_train,
                     "total": time.perf_counter() - t_start},
     }
-    writer.write_json("eval.json", results)
-    logging.info("before: macro F1 %.4f micro F1 %.4f; after: macro %.4f micro %.4f; central "
-                 "after %d rounds macro %.4f", before["macro"]["f1"], before["micro"]["f1"],
-                 first["after_personalization"]["macro"]["f1"],
-                 first["after_personalization"]["micro"]["f1"], len(rounds),
+    after = first["after_personalization"]
+    logging.info("central model after %d rounds: macro F1 %.4f", len(rounds),
                  rounds[-1]["central_after_fedavg"]["macro"]["f1"])
-    checkpointer.close()
-    writer.close()
-    return results
+    return run.finish(results, metric=f"VFER ({config.mode}) on {config.data.name}: macro F1 "
+                      "after personalization", value=after["macro"]["f1"],
+                      detail=f" vs {before['macro']['f1']:.4f} before (micro "
+                             f"{after['micro']['f1']:.4f} vs {before['micro']['f1']:.4f}) on "
+                             f"{len(test_subjects)} test subjects, "
+                             f"{first['subjects_adapted']} adapted")

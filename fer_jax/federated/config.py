@@ -5,6 +5,7 @@ Every experiment builds its engines here, so every knob means the same thing eve
   fed.client_optimizer / fed.client_learning_rate / fed.client_momentum
   fed.batch_size, fed.local_epochs, fed.tail_multiple   packing
   fed.clients_per_call, fed.vmap_width, fed.unroll, fed.steps_per_call   the backend
+  fed.num_devices                    devices of the 'clients' mesh (0 = all)
   fed.weighting, fed.prox_mu
 The rule for devices: every device of the 'clients' mesh takes at least `vmap_width` clients per
 call, so clients_per_call is rounded up to a multiple of devices x vmap_width (logged). A
@@ -18,6 +19,7 @@ import optax
 from absl import logging
 
 from fer_jax.federated import aggregate, packing, partial
+from fer_jax.federated import mesh as mesh_lib
 from fer_jax.federated.client import ClientMethod
 from fer_jax.federated.round import WEIGHTINGS, FederatedEngine, RoundBackend
 
@@ -33,11 +35,11 @@ def fed_defaults() -> dict:
                 client_optimizer="sgd", client_learning_rate=0.05, client_momentum=0.0,
                 local_epochs=1, batch_size=16, weighting="num_examples", prox_mu=0.0,
                 clients_per_call=1, tail_multiple=0, vmap_width=1, unroll=True,
-                steps_per_call=0)
+                steps_per_call=0, num_devices=0)
 
 
 def _get(fed, name):
-    return fed.get(name, fed_defaults()[name]) if hasattr(fed, "get") else getattr(fed, name)
+    return fed.get(name, fed_defaults()[name])
 
 
 def validate(config, check, *, partitions: bool = True) -> None:
@@ -63,6 +65,7 @@ def validate(config, check, *, partitions: bool = True) -> None:
     check(_get(fed, "weighting") in WEIGHTINGS, "fed.weighting", f"one of {WEIGHTINGS}")
     check(_get(fed, "prox_mu") >= 0, "fed.prox_mu", ">= 0")
     check(_get(fed, "steps_per_call") >= 0, "fed.steps_per_call", ">= 0 (0 = one call)")
+    check(_get(fed, "num_devices") >= 0, "fed.num_devices", ">= 0 (0 = every device)")
     batch = _get(fed, "batch_size")
     check(0 <= _get(fed, "tail_multiple") <= batch, "fed.tail_multiple",
           f"in [0, fed.batch_size={batch}] (0 = pad the last batch to the batch size)")
@@ -103,9 +106,16 @@ def step_buckets(fed, max_client_size: int) -> tuple[int, ...]:
 
 def build_engine(fed, method: ClientMethod, *, max_client_size: int,
                  param_filter: partial.ParamFilter = partial.federate_all,
-                 mesh=None) -> FederatedEngine:
-    """The engine of `method` with every knob of `fed` honoured."""
-    devices = None if mesh is None else mesh.devices.size
+                 mesh=None, **overrides) -> FederatedEngine:
+    """The engine of `method` with every knob of `fed` honoured (`mesh` overrides
+    fed.num_devices). `overrides` replace keys of `fed` for this engine (e.g. FedAffect's
+    SimCLR engine: batch_size=repr.batch_size)."""
+    if overrides:
+        fed = {**{k: _get(fed, k) for k in fed_defaults()}, **overrides}
+    if mesh is None:
+        n = _get(fed, "num_devices")
+        mesh = mesh_lib.clients_mesh(jax.devices()[:n] if n else None)
+    devices = mesh.devices.size
     return FederatedEngine(
         method, server_optimizer=server_optimizer(fed), param_filter=param_filter,
         packing=packing.PackingConfig(

@@ -47,14 +47,15 @@ def predict_batches(fn, images: np.ndarray, batch_size: int):
 
 
 def step_metrics(sums: dict, steps: int = 1) -> dict:
-    """`train/*` means of summed metrics: x_sum / count, correct / count, others / steps."""
+    """`train/*` means of summed metrics: x_sum / count, *correct / count (accuracies), others
+    / steps."""
     count = max(float(sums.get("count", 0.0)), 1.0)
     out = {}
     for k, v in sums.items():
         if k.endswith("_sum"):
             out[f"train/{k[:-4]}"] = float(v) / count
-        elif k == "correct":
-            out["train/accuracy"] = float(v) / count
+        elif k.endswith("correct"):  # correct -> accuracy, d_correct -> d_accuracy
+            out[f"train/{k[:-7]}accuracy"] = float(v) / count
         elif k != "count":
             out[f"train/{k}"] = float(v) / steps
     return out
@@ -96,42 +97,75 @@ def run_key(seed: int) -> jax.Array:
     return jax.random.PRNGKey(seed + 1)
 
 
+class PooledLearner:
+    """A method's client on pooled data: one client that holds every example and keeps its
+    state (optimizer included) from step to step. `step(s)` runs global step s: the rows of
+    `PooledOrder` (in the engine's order: augmentation and dropout draw per row) with the key
+    the engine gives step s of client 0 in round 0."""
+
+    def __init__(self, method, variables, data: dict, batch_size: int, *, seed: int,
+                 trainable: tuple | None = None):
+        n = len(next(iter(data.values())))
+        self.method, self.data = method, data
+        self.order = PooledOrder(n, batch_size, seed)
+        init_key, self.step_key = client_keys(run_key(seed))
+        if trainable is None:
+            trainable = (True,) * len(jax.tree.leaves(variables))
+        # Jitted: an eager init of a large model (ESR-9) dispatches hundreds of small ops; it
+        # also copies every leaf, so the donated state never aliases the caller's variables.
+        self.state = jax.jit(method.init, static_argnums=1)(variables, tuple(trainable),
+                                                            init_key)
+        self._mask = jnp.ones((batch_size,), bool)
+        self._jitted = {}
+
+    def step(self, step: int, method=None) -> dict:
+        """Runs global step `step` (with `method`, default the learner's); its metric sums."""
+        method = method or self.method
+        if method not in self._jitted:
+            self._jitted[method] = jax.jit(method.step, donate_argnums=0)
+        idx = self.order.indices(step)
+        batch = {k: v[idx] for k, v in self.data.items()}
+        self.state, metrics = self._jitted[method](self.state, batch, self._mask,
+                                                   jax.random.fold_in(self.step_key, step))
+        return metrics
+
+    def run(self, start: int, count: int) -> dict:
+        """Steps start .. start + count - 1; their summed metrics (host floats)."""
+        sums = {}
+        for s in range(start, start + count):
+            sums = {k: sums.get(k, 0.0) + v for k, v in self.step(s).items()}
+        return {k: float(v) for k, v in jax.device_get(sums).items()}
+
+    def variables(self, method=None):
+        return (method or self.method).final(self.state)
+
+
 def centralized(run, method, variables, train: dict, *, batch_size: int, total_steps: int,
                 seed: int, log_every: int, eval_every: int = 0,
                 evaluate: Callable | None = None,
                 method_at: Callable[[int], fl.ClientMethod] | None = None,
-                on_switch: Callable | None = None):
+                on_switch: Callable | None = None, log_extra: Callable | None = None):
     """Trains `method`'s client on the pooled `train` arrays; returns its final variables.
 
-    train: dict of equally long arrays (e.g. {'image', 'label'}); batch s is `PooledOrder`'s
-    rows in the engine's order (augmentation and dropout draw per row, so the order matters).
+    train: dict of equally long arrays (e.g. {'image', 'label'}), see `PooledLearner`.
     evaluate(variables, step): called every `eval_every` steps (not at the end).
     method_at(step) -> method: for methods whose step changes during training (ESR's
     progressive stages); on_switch(state, step) -> state runs when it does.
+    log_extra(step) -> dict: more scalars for each log line (e.g. the active ESR stage).
     """
-    order = PooledOrder(len(next(iter(train.values()))), batch_size, seed)
+    learner = PooledLearner(method, variables, train, batch_size, seed=seed)
     method_at = method_at or (lambda step: method)
-    init_key, step_key = client_keys(run_key(seed))
-    trainable = (True,) * len(jax.tree.leaves(variables))
-    # Jitted: an eager init of a large model (ESR-9) dispatches hundreds of small ops.
-    state = jax.jit(method.init, static_argnums=1)(variables, trainable, init_key)
-    state, start = run.restore(state)
-    jitted = {}
-    mask = jnp.ones((batch_size,), bool)
+    learner.state, start = run.restore(learner.state)
     progress = Progress(total_steps, desc="train", start=start)
     sums, window, t0 = {}, 0, time.perf_counter()
-    current = method_at(start)
+    current = method_at(max(start - 1, 0))  # The method of the last step run before.
     for step in range(start, total_steps):
         m = method_at(step)
         if m is not current:
             current = m
             if on_switch is not None:
-                state = on_switch(state, step)
-        if m not in jitted:
-            jitted[m] = jax.jit(m.step, donate_argnums=0)
-        idx = order.indices(step)  # Unsorted: batch rows in the engine's order.
-        batch = {k: v[idx] for k, v in train.items()}
-        state, metrics = jitted[m](state, batch, mask, jax.random.fold_in(step_key, step))
+                learner.state = on_switch(learner.state, step)
+        metrics = learner.step(step, m)
         sums = {k: sums.get(k, 0.0) + v for k, v in metrics.items()}
         window += 1
         done = step + 1
@@ -141,17 +175,18 @@ def centralized(run, method, variables, train: dict, *, batch_size: int, total_s
                 raise run.nonfinite(f"training loss became {logged['train/loss']} by step {done}")
             seconds = time.perf_counter() - t0
             run.writer.write(done, {**logged, "train/images_per_s": window * batch_size / seconds,
-                                    "train/epoch": done / order.steps_per_epoch})
+                                    "train/epoch": done / learner.order.steps_per_epoch,
+                                    **(log_extra(step) if log_extra is not None else {})})
             progress.update(done, loss=logged.get("train/loss", float("nan")))
             sums, window, t0 = {}, 0, time.perf_counter()
         if run.checkpointer.should_save(done) or done == total_steps:
             if sums and not np.isfinite(step_metrics(jax.device_get(sums)).get("train/loss", 0)):
                 raise run.nonfinite(f"training loss became non-finite by step {done}")
-            run.save(done, state, final=True)
+            run.save(done, learner.state, final=True)
         if evaluate is not None and eval_every and done % eval_every == 0 \
                 and done != total_steps:
-            evaluate(method_at(step).final(state), done)
-    return method_at(max(total_steps - 1, 0)).final(state)
+            evaluate(learner.variables(m), done)
+    return learner.variables(method_at(max(total_steps - 1, 0)))
 
 
 # ---------------------------------------------------------------------------------------------
