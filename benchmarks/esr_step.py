@@ -3,7 +3,7 @@
 One jitted training step (forward, backward, AdamW, donated state) of the same model with
 diversity weights 1 (Eq. (4): sum of branch CEs - D_sp - D_ch) and 0 (sum of CEs only: XLA
 drops the determinant work, the CBAM maps are still computed). The two variants are timed
-alternately, A B A B, because this VM's speed drifts ~2x within minutes (PERF_NOTES.md).
+alternately, A B A B: this VM's speed drifts ~2x within minutes (docs/performance.md#measuring).
 
   python benchmarks/esr_step.py                                # ESR-9, 96x96x3, batch 32
   python benchmarks/esr_step.py --image_size 48 --batch 64     # 'same' padding, 48x48x1

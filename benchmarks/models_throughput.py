@@ -2,7 +2,7 @@
 
 Prints a table and writes benchmarks/results/models_throughput.json. Compile time is
 ``jit(...).lower(...).compile()``; images/s is batch / median step time over ``--steps``
-timed calls after one warm-up call. The VM's speed swings (PERF_NOTES.md) and other jobs
+timed calls after a warm-up call. The VM's speed swings (docs/performance.md#measuring) and jobs
 share its 2 cores: the 1-minute load average is recorded next to the numbers.
 
 Run (about 1-4 minutes on 2 CPU cores)::
@@ -55,7 +55,7 @@ def make_train_step(model, tx):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), new_stats, opt_state, loss
 
-    # Donating the state lets XLA update it in place (PERF_NOTES: 5-7 vs 47-103 GB/s).
+    # Donating the state lets XLA update it in place (docs/performance.md#donation).
     return jax.jit(step, donate_argnums=(0, 1, 2))
 
 

@@ -1,4 +1,4 @@
-"""Speed of the whole prepare pipeline (Khodadadi, PAPERS.md section 4), images/s per stage.
+"""Speed of the whole prepare pipeline (Khodadadi, docs/papers.md#prepare), images/s per stage.
 
 Inputs, built in a temporary folder from ../shared/data (never in the repo):
 * `ckplus_frames_640x490`: the last 3 (peak) frames of each of the 40 CK+ videos, native 640x490

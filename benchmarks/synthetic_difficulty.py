@@ -2,7 +2,7 @@
 
 Renders a train set and a subject-disjoint test set with `fer_jax.data.synthetic`, trains a
 small Flax CNN (conv 32/64/128, 2x2 max pooling by reshape - `nn.max_pool`'s gradient is a slow
-select-and-scatter on XLA:CPU, see PERF_NOTES.md) with Adam, and reports held-out-subject
+select-and-scatter on XLA:CPU, docs/performance.md#max-pool) with Adam, and reports held-out-subject
 accuracy, chance level, per-class accuracy and a nearest-class-mean pixel baseline. The dataset
 should be learnable (far above chance) but not trivial (clearly below 100%).
 

@@ -1,1 +1,1 @@
-"""Experiment configs: `get_config(arg)` per file; see WORKSPACE.md for the list."""
+"""Experiment configs: `get_config(arg)` per file; WORKSPACE.md#configs lists them."""

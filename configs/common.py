@@ -82,7 +82,7 @@ def fed_config(data: str = "synthetic", *, keep: tuple[str, ...] = (),
                **overrides) -> ml_collections.ConfigDict:
     """The `fed` block: partition, rounds, server and client optimizers, engine layout.
 
-    Backend knobs (WORKSPACE.md, "Federated engine"): clients_per_call (clients per jitted
+    Backend knobs (WORKSPACE.md#engine-knobs): clients_per_call (clients per jitted
     chunk, rounded up to devices x vmap_width), vmap_width (clients computed together; 1 on
     CPU, wide on GPU/TPU), unroll (unrolled local-step scans; convolutions on XLA:CPU want it),
     tail_multiple (an epoch's last batch as its own step of ceil(rows / m) * m rows; 0 = pad to

@@ -9,7 +9,7 @@ FER-2013 (7 classes), ESR-15 on 48x48 gray ('same' padding):
   python -m fer_jax.main --config=configs/esr.py:data=fer2013,branches=15,size=48 --workdir=/tmp/e
 Federated (the engine; clients = subjects for synthetic/CK+, Dirichlet splits for FER):
   python -m fer_jax.main --config=configs/esr.py:runlocal,mode=federated --workdir=/tmp/esr_fl
-Ablation arms (WORKSPACE.md section 12): --config.model.kwargs.cbam=False, or
+Ablation arms (docs/results.md#esr-ablation): --config.model.kwargs.cbam=False, or
   --config.diversity.spatial_weight=0 / --config.diversity.channel_weight=0.
 
 Arguments: runlocal, data=synthetic|fer2013|ferplus|ckplus48, mode=centralized|federated,
@@ -35,7 +35,7 @@ def base_config(arg, *, model: str) -> ml_collections.ConfigDict:
 
     # Eq. (1)-(5): gamma of the RBF (the authors' code hard-codes 10) and the term weights
     # (all 1 in the paper; 0 switches a term off for the ablation). gamma_per_feature divides
-    # gamma by the number of features compared (not in the paper; see WORKSPACE.md section 12: with
+    # gamma by the number of features compared (not in the paper; docs/papers.md#diversity-gamma:
     # Eq. (1) as written, gamma = 10 saturates det(S) at 1 for ESR's attention maps).
     config.diversity = ml_collections.ConfigDict(dict(
         gamma=10.0, gamma_per_feature=False, spatial_weight=1.0, channel_weight=1.0))
@@ -97,7 +97,7 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
-    """The Table 1 ablation arms (WORKSPACE.md section 12)."""
+    """The Table 1 ablation arms (docs/results.md#esr-ablation)."""
     del arg
     return [
         {"model.kwargs.cbam": False, "diversity.spatial_weight": 0.0,

@@ -20,7 +20,7 @@ Arguments: runlocal, paper, data=synthetic|ckplus48|fer2013, mode=federated|cent
 representation=simclr|none, model=small_cnn|resnet18|resnet50v2.
 Backend knobs as configs/fedavg.py: fed.clients_per_call, fed.vmap_width, fed.unroll (the
 CPU default 1 / 1 / True is the engine's measured fastest for conv nets on XLA:CPU),
-fed.steps_per_call (0 = all local steps in one call; FER-2013 uses 8, see WORKSPACE.md).
+fed.steps_per_call (0 = all local steps in one call; FER-2013 uses 8: WORKSPACE.md#engine-knobs).
 """
 
 import ml_collections
@@ -30,7 +30,7 @@ from configs import common
 _ENCODERS = {
     # norm='group' (GroupNorm, per example): clients pad partial batches and BatchNorm would mix
     # padding into its statistics. With norm='none' (encoder and relation module) the relation
-    # scores collapsed to a constant and 1-shot accuracy stayed at chance (WORKSPACE.md s. 11).
+    # scores went constant, 1-shot accuracy at chance (docs/papers.md#fedaffect-groupnorm).
     # The CPU encoder: ~33 MFLOP per 48x48 image forward (one conv at full resolution).
     "small_cnn": dict(norm="group", widths=(16, 32, 64), convs_per_stage=(1, 2, 2)),
     "resnet18": dict(norm="group", stem="small"),
@@ -142,7 +142,7 @@ def get_config(arg=None):
         fed.rounds = 20
         # ~5,200 unlabeled images per client = 81 SimCLR steps of 64: unrolled in one program
         # they did not compile on CPU (17 GB after 11 min); with 8 steps per call round 1,
-        # compilation included, took 185 s at 2.3 GB RSS (WORKSPACE.md section 11).
+        # compilation included, took 185 s at 2.3 GB RSS (docs/results.md#fedaffect-results).
         fed.steps_per_call = 8
     if arg.paper:
         rep.batch_size, rep.local_epochs = 128, 2

@@ -1,4 +1,4 @@
-r"""Occlusion-robust FER by adversarial learning (PAPERS.md sec. 5): phi + D min-max training.
+r"""Occlusion-robust FER by adversarial learning (docs/papers.md#occlusion): phi + D min-max.
 
 Embedded synthetic faces, tiny (about a minute on 2 CPU cores):
   python -m fer_jax.main --config=configs/occlusion.py:runlocal --workdir=/tmp/occ

@@ -2,7 +2,7 @@ r"""Centralized supervised FER: any model on any dataset (the baseline every pap
 
 Run (embedded synthetic faces, ~1 minute on 2 CPU cores):
   python -m fer_jax.main --config=configs/supervised.py:runlocal --workdir=/tmp/sup
-Real FER-2013 (the documented >= 63% PrivateTest benchmark, see WORKSPACE.md):
+Real FER-2013 (the documented >= 63% PrivateTest benchmark, docs/results.md#fer2013-supervised):
   python -m fer_jax.main --config=configs/supervised.py:data=fer2013 --workdir=/tmp/fer
 CK+48, fold 3 of a subject-wise 10-fold split, ResNet-18 on 96x96x3:
   python -m fer_jax.main --config=configs/supervised.py:data=ckplus48,model=resnet18 \
@@ -20,7 +20,7 @@ from configs import common
 
 _MODEL_KWARGS = {
     # 4 stages, 6 convs, 0.77M parameters: 2x cheaper per image than widths (32, 64, 128) x 2
-    # convs and faster to learn on FER-2013 (WORKSPACE.md, section 9).
+    # convs and faster to learn on FER-2013 (docs/results.md#fer2013-supervised).
     "small_cnn": dict(widths=(24, 48, 96, 192), convs_per_stage=(1, 2, 2, 1), dense=256,
                       dropout=0.4),
     "resnet18": dict(stem="small"),

@@ -1,4 +1,4 @@
-r"""VFER personalization with head-only FedAvg (Salman & Busso, ICMI 2022; PAPERS.md section 2).
+r"""VFER personalization with head-only FedAvg (Salman & Busso, ICMI 2022; docs/papers.md#vfer).
 
 Embedded synthetic sequences, subject-disjoint (a few minutes on 2 CPU cores):
   python -m fer_jax.main --config=configs/vfer.py:runlocal --workdir=/tmp/vfer

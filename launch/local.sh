@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs one fer_jax job locally with tcmalloc preloaded when available (1.2-1.6x faster on CPU,
-# see WORKSPACE.md) and a persistent XLA compilation cache.
+# docs/performance.md#tcmalloc) and a persistent XLA compilation cache.
 #   launch/local.sh configs/supervised.py:runlocal /tmp/run [--config.x=y ...]
 set -euo pipefail
 config="${1:?usage: launch/local.sh CONFIG[:ARGS] WORKDIR [FLAGS...]}"

@@ -136,3 +136,42 @@ def test_vfer_same_first_step():
     central, federated = _first_steps(method, variables, data, batch_size=5)
     assert _moved(variables, central)
     _assert_trees_close(central, federated)
+
+
+_SMALL = {  # runlocal shrunk further: the point is that each mode runs end to end.
+    "supervised": ["--config.train.num_steps=6", "--config.fed.rounds=2"],
+    "fedavg": ["--config.train.num_steps=6", "--config.fed.rounds=2"],
+    "esr": ["--config.train.num_steps=4", "--config.fed.rounds=2",
+            "--config.model.kwargs.num_branches=2", "--config.model.kwargs.width=0.125"],
+    "manet": ["--config.train.num_steps=4", "--config.fed.rounds=2",
+              "--config.model.kwargs.width=4"],
+    "occlusion": ["--config.train.num_steps=4", "--config.fed.rounds=2",
+                  "--config.occlusion.eval_modes=clean,R16"],
+    "fedaffect": ["--config.fed.rounds=1", "--config.fedaffect.eval_episodes=8",
+                  "--config.fedaffect.plot_points=24"],
+    "vfer": ["--config.fed.rounds=1", "--config.ifer.epochs=1", "--config.vfer.epochs=1"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["centralized", "federated"])
+@pytest.mark.parametrize("name", sorted(_SMALL))
+def test_every_config_runs_in_both_modes_on_two_cpu_devices(tmp_path, name, mode):
+    """`python -m fer_jax.main --cpu_devices=2 --config=configs/<name>.py:runlocal,mode=<mode>`
+    finishes, writes eval.json and prints the summary line with its outputs."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    cmd = [sys.executable, "-m", "fer_jax.main", "--cpu_devices=2", f"--workdir={tmp_path}",
+           f"--config=configs/{name}.py:runlocal,mode={mode}", *_SMALL[name]]
+    result = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "2 local / 2 global devices" in result.stderr
+    assert (tmp_path / "eval.json").is_file()
+    assert f"Outputs in {tmp_path}" in result.stdout
+    config = __import__("json").loads((tmp_path / "config.json").read_text())
+    assert config["mode"] == mode

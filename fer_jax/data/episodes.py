@@ -16,7 +16,7 @@ Bad inputs are handled, never silently: a class with fewer than K images in the 
 of the episode (its column masked from loss and argmax) and counted (`short_classes`); an
 episode with fewer than 2 usable classes or no query is skipped (no update) and counted.
 
-Test episodes (`heldout_episodes`, NumPy, seeded) follow PAPERS.md's decision for held-out clients:
+Test episodes (`heldout_episodes`, NumPy, seeded) follow docs/papers.md#fedaffect-eval:
 K labeled support images per class from that client, queries = all its remaining images.
 """
 

@@ -1,9 +1,9 @@
-"""Synthetic occluders and the occlusion evaluation modes (occlusion-robust FER, PAPERS.md sec. 5).
+"""Synthetic occluders and the occlusion evaluation modes (docs/papers.md#occlusion).
 
 Training occluders (paper Sec. 4.1): one object per occluded image at a random position, its
 bounding box 1/3.75 to 1/2 of the image in both height and width, returned with its pixel mask
 (the target of the attention loss, Eq. 2). The paper pastes photo templates of hands, food and
-drinks; none can be downloaded here, so the objects are procedural (**Decision**):
+drinks; none can be downloaded here, so they are procedural (docs/papers.md#occlusion-occluders):
 
   shapes    'block' (the full box), 'ellipse' (cups, plates, fruit), 'hand' (palm + four
             fingers + thumb, rotated by a multiple of 90 degrees and mirrored), 'blob' (an

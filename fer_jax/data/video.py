@@ -1,4 +1,4 @@
-"""Video corpora for VFER (Salman & Busso, ICMI 2022; PAPERS.md section 2): decode, find the face
+"""Video corpora for VFER (Salman & Busso, ICMI 2022; docs/papers.md#vfer): decode, find the face
 in every frame, align, resize, sample, zero pre-pad, cache.
 
 A corpus is a folder of video files plus `labels.csv` with columns `video,subject,emotion`

@@ -23,10 +23,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from fer_jax import data as data_lib
 from fer_jax import federated as fl
 from fer_jax import losses
-from fer_jax.data import partition as partition_lib
 from fer_jax.data.augment import AugmentConfig
 from fer_jax.evaluation import metrics as metrics_lib
 from fer_jax.evaluation import plots
@@ -175,13 +173,8 @@ def _predict(variables, images, *, model, num_active, image_size, channels):
 
 def run(config, workdir: str) -> dict:
     centralized = config.mode == "centralized"
-    run = Run(config, workdir, every=config.checkpoint_every_steps if centralized
-              else config.checkpoint_every_rounds)
-    dataset = data_lib.load(config.data)
-    train, test = dataset[config.data.train_split], dataset[config.data.eval_split]
-    val = dataset[config.data.val_split] if config.data.val_split else None
-    logging.info("dataset %s: classes %s, train %d, eval %d", dataset.name, dataset.class_names,
-                 len(train), len(test))
+    run = Run(config, workdir)
+    dataset, train, test, val = run.load_data()
     model = build_model(config, dataset.num_classes)
     is_esr = isinstance(model, ESR)
     shape = (config.data.image_size, config.data.image_size, config.data.channels)
@@ -241,13 +234,7 @@ def run(config, workdir: str) -> dict:
         b_final = stage(max(total - 1, 0)) if is_esr else None
     else:
         fed = config.fed
-        parts = partition_lib.from_config(fed, train, seed=config.seed,
-                                          dataset_name=config.data.name)
-        summary = parts.summary(train.labels, dataset.num_classes)
-        run.writer.write_json("partition.json", summary)
-        population = fl.ArrayPopulation.from_clients(
-            [{"image": train.images[i], "label": train.labels[i].astype(np.int32)}
-             for i in parts.client_indices])
+        population, summary = run.population(train, dataset.num_classes)
         engine = fed_config.build_engine(fed, client(config, model,
                                                      fed_config.client_optimizer(fed)),
                                          max_client_size=summary["sizes"]["max"])

@@ -12,12 +12,12 @@ Algorithm 1 of Shome & Kar, on the engine (fer_jax.federated), host side only:
     same way. Clients with no unlabeled data or with <= C labels are skipped and counted.
     (Algorithm 1 sends both models out at once and hands the encoder over after aggregation;
     running the representation round first lets the relation module train on the encoder it is
-    evaluated with. Documented choice.)
+    evaluated with: docs/papers.md#fedaffect-round-order.)
   * config.mode='centralized' trains the same two methods on the pooled data (one
     `loops.PooledLearner` each) with the same batch sizes
     and the same expected number of images (SimCLR) and episodes (few-shot) per round: the
     paper's "Centralized (ours)" row. representation='none' skips SimCLR (random encoder).
-Evaluation (PAPERS.md decision): on held-out clients, episodes with K labeled support images per
+Evaluation (docs/papers.md#fedaffect-eval): held-out clients' episodes, K labeled support images per
 class from that client and every remaining image as a query; mean accuracy and 95% interval over
 >= `eval_episodes` episodes, confusion matrix, and a t-SNE of encoder features coloured by class.
 Writes metrics.jsonl, eval.json, confusion_matrix.png, embedding_tsne.png, checkpoints/.

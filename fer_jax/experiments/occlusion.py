@@ -14,21 +14,16 @@ occlusion_masks.png, the paper's Figure 2: occluded inputs, true masks, learned 
 from __future__ import annotations
 
 import functools
-import pathlib
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 
-from fer_jax import data as data_lib
-from fer_jax import federated as fl
 from fer_jax.data import occluders
-from fer_jax.data import partition as partition_lib
 from fer_jax.data.augment import AugmentConfig
-from fer_jax.evaluation import metrics as metrics_lib
+from fer_jax.evaluation import occlusion as occlusion_eval
 from fer_jax.evaluation import plots
 from fer_jax.federated import config as fed_config
 from fer_jax.models.occlusion import FeatureDiscriminator, occlusion_net
@@ -41,10 +36,6 @@ SCHEDULES = ("periodic_cosine", "constant")
 LANDMARKS = ("canonical", "mtcnn")
 
 
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(s.strip() for s in text.split(",") if s.strip())
-
-
 def validate_config(config) -> None:
     """Raises ValueError naming the first bad field; called by main before any work."""
     check = checks.checker(config)
@@ -53,11 +44,12 @@ def validate_config(config) -> None:
     check(0 <= occ.rate <= 1, "occlusion.rate", "a fraction in [0, 1]")
     check(occ.lambda_noisy >= 0, "occlusion.lambda_noisy", ">= 0")
     check(occ.lambda_adv >= 0, "occlusion.lambda_adv", ">= 0")
-    check(set(_names(occ.eval_modes)) <= set(occluders.EVAL_MODES) and _names(occ.eval_modes),
-          "occlusion.eval_modes", f"comma-separated names from {occluders.EVAL_MODES}")
+    modes = occlusion_eval.names(occ.eval_modes)
+    check(modes and set(modes) <= set(occluders.EVAL_MODES), "occlusion.eval_modes",
+          f"comma-separated names from {occluders.EVAL_MODES}")
     check(occ.landmarks in LANDMARKS, "occlusion.landmarks", f"one of {LANDMARKS}")
     try:
-        occluder_config(config).size_range(config.data.image_size)
+        occlusion_eval.occluder_config(config).size_range(config.data.image_size)
     except ValueError as e:
         raise ValueError(f"config.occlusion (shapes/textures/min_frac/max_frac) or "
                          f"config.data.image_size: {e}") from e
@@ -77,12 +69,6 @@ def validate_config(config) -> None:
     check(train.period_epochs > 0, "train.period_epochs", "> 0")
     check(config.checkpoint_every_steps >= 1, "checkpoint_every_steps", ">= 1")
     check(config.log_every_steps >= 1, "log_every_steps", ">= 1")
-
-
-def occluder_config(config) -> occluders.OccluderConfig:
-    occ = config.occlusion
-    return occluders.OccluderConfig(min_frac=occ.min_frac, max_frac=occ.max_frac,
-                                    shapes=_names(occ.shapes), textures=_names(occ.textures))
 
 
 def periodic_cosine(lr_min: float, lr_max: float, period_steps: int):
@@ -128,122 +114,7 @@ def settings_for(config, batch_size: int, augment: bool = True) -> steps.Occlusi
         lambda_adv=occ.lambda_adv, rate=occ.rate,
         prior=steps.empirical_prior(occ.rate, batch_size),
         augment=AugmentConfig(**config.augment) if augment else None,
-        occluder=occluder_config(config))
-
-
-def region_centres(config, split: data_lib.Split) -> dict[str, np.ndarray | None]:
-    """(N, 2) (row, col) centres of the eyes and mouth at the model's input size.
-
-    'mtcnn': detected landmarks per test image (canonical positions where no face is found);
-    'canonical': None (occluders.CANONICAL_CENTRES is applied on device).
-    """
-    if config.occlusion.landmarks == "canonical":
-        return {"eyes": None, "mouth": None}
-    from fer_jax.data.face import FaceDetector
-
-    detector, size = FaceDetector(), config.data.image_size
-    src_h, src_w = split.images.shape[1:3]
-    out = {r: np.zeros((len(split), 2), np.float32) for r in ("eyes", "mouth")}
-    missed = 0
-    for i, image in enumerate(split.images):
-        faces = detector(image)
-        for region in out:
-            if faces:
-                c = np.asarray(occluders.landmark_centres(region, faces[0].landmarks[None]))[0]
-                out[region][i] = c * np.array([size / src_h, size / src_w])
-            else:
-                out[region][i] = np.asarray(occluders.canonical_centres(region, 1, size, size))[0]
-        missed += not faces
-    logging.info("MTCNN landmarks: %d of %d test images without a face (canonical used)",
-                 missed, len(split))
-    return out
-
-
-def evaluate_modes(config, params, batch_stats, net, split: data_lib.Split, num_classes: int,
-                   class_names, centres=None):
-    """Accuracy and phi's mask IoU on `split` for every evaluation mode (fixed eval keys)."""
-    size, channels = config.data.image_size, config.data.channels
-    modes = _names(config.occlusion.eval_modes)
-    occ_cfg = occluder_config(config)
-    base = jax.random.PRNGKey(config.occlusion.eval_seed)
-    centres = centres or {}
-    results, reports = {"accuracy": {}, "mask_iou": {}}, {}
-
-    @functools.partial(jax.jit, static_argnames=("mode",))
-    def run(params, batch_stats, images, idx, cent, *, mode):
-        # Keyed by (mode, first index of the batch): every model sees the same occlusions.
-        key = jax.random.fold_in(jax.random.fold_in(base, occluders.EVAL_MODES.index(mode)),
-                                 idx[0])
-        x = steps.preprocess(images, image_size=size, channels=channels)
-        if mode in ("eyes", "mouth") and cent is not None:
-            x, masks = occluders.region_occlusion(
-                x, cent, occluders.scaled_size(occluders.REGION_SIZE, size))
-        else:
-            x, masks = occluders.eval_occlusion(mode, key, x, cfg=occ_cfg)
-        logits, probs = steps.predict(params, batch_stats, x, net=net)
-        true = steps.resize_masks(masks, probs.shape[1:3]) > 0.5
-        pred = probs > 0.5
-        inter = jnp.sum(true & pred, axis=(1, 2))
-        union = jnp.sum(true | pred, axis=(1, 2))
-        return jnp.argmax(logits, -1), inter, union
-
-    bs = config.eval_batch_size
-    for mode in modes:
-        preds, inter, union = [], 0, 0
-        cent_all = centres.get(mode)
-        for start in range(0, len(split), bs):
-            images = split.images[start:start + bs]
-            n = len(images)
-            idx = np.arange(start, start + bs, dtype=np.int32)
-            cent = None if cent_all is None else cent_all[start:start + bs]
-            if n < bs:  # A fixed batch shape: one compile per mode.
-                images = np.concatenate([images, np.zeros((bs - n, *images.shape[1:]),
-                                                          images.dtype)])
-                cent = None if cent is None else np.concatenate([cent, np.zeros((bs - n, 2),
-                                                                                np.float32)])
-            p, i, u = run(params, batch_stats, images, idx, cent, mode=mode)
-            preds.append(np.asarray(p)[:n])
-            inter += int(np.asarray(i)[:n].sum())
-            union += int(np.asarray(u)[:n].sum())
-        cm = metrics_lib.confusion_matrix(split.labels, np.concatenate(preds), num_classes)
-        reports[mode] = (cm, metrics_lib.classification_report(cm, class_names))
-        results["accuracy"][mode] = reports[mode][1]["accuracy"]
-        # Pixel IoU over the whole split, for models with phi and modes that occlude.
-        if mode != "clean" and config.occlusion.attention:
-            results["mask_iou"][mode] = inter / union if union else 0.0
-    return results, reports
-
-
-def save_mask_figure(config, params, batch_stats, net, split: data_lib.Split, path, title: str):
-    """The paper's Figure 2: synthetic occluded inputs, their true masks and phi's masks."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    k = min(config.occlusion.figure_examples, len(split))
-    size, channels = config.data.image_size, config.data.channels
-    key = jax.random.PRNGKey(config.occlusion.eval_seed + 1)
-    fn = jax.jit(functools.partial(steps.predict_occluded, net=net, mode="synthetic",
-                                   image_size=size, channels=channels,
-                                   occluder=occluder_config(config)))
-    _, probs, x, masks = fn(params, batch_stats, split.images[:k], key)
-    probs = np.asarray(jax.image.resize(probs, (k, size, size), "linear"))
-    rows = [("occluded input", np.asarray(x).mean(-1)), ("true mask", np.asarray(masks)),
-            ("learned mask (phi)" if config.occlusion.attention else "no phi (M_Res/M_ResAdv)",
-             probs)]
-    fig, axes = plt.subplots(3, k, figsize=(1.4 * k, 4.6), squeeze=False)
-    for r, (name, images) in enumerate(rows):
-        for c in range(k):
-            axes[r, c].imshow(images[c], cmap="gray", vmin=0.0, vmax=1.0)
-            axes[r, c].set_xticks([])
-            axes[r, c].set_yticks([])
-        axes[r, 0].set_ylabel(name, fontsize=7)
-    fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return pathlib.Path(path)
+        occluder=occlusion_eval.occluder_config(config))
 
 
 def variant_name(config) -> str:
@@ -270,14 +141,10 @@ def client(config, net, disc, tx, d_tx, batch_size: int) -> steps.OcclusionClien
 
 def run(config, workdir: str) -> dict:
     centralized = config.mode == "centralized"
-    run = Run(config, workdir, every=config.checkpoint_every_steps if centralized
-              else config.checkpoint_every_rounds)
+    run = Run(config, workdir)
     t_start = time.perf_counter()
-    dataset = data_lib.load(config.data)
-    train, test = dataset[config.data.train_split], dataset[config.data.eval_split]
+    dataset, train, test, _ = run.load_data()
     name = variant_name(config)
-    logging.info("%s %s: classes %s, train %d, test %d", name, dataset.name,
-                 dataset.class_names, len(train), len(test))
     net, disc = build_models(config, dataset.num_classes)
     size, channels = config.data.image_size, config.data.channels
     clean = jax.jit(lambda v, x: steps.predict(
@@ -306,13 +173,7 @@ def run(config, workdir: str) -> dict:
         done = total
     else:
         fed = config.fed
-        parts = partition_lib.from_config(fed, train, seed=config.seed,
-                                          dataset_name=config.data.name)
-        summary = parts.summary(train.labels, dataset.num_classes)
-        run.writer.write_json("partition.json", summary)
-        population = fl.ArrayPopulation.from_clients(
-            [{"image": train.images[i], "label": train.labels[i].astype(np.int32)}
-             for i in parts.client_indices])
+        population, summary = run.population(train, dataset.num_classes)
         opt = fed_config.client_optimizer(fed)
         engine = fed_config.build_engine(fed, client(config, net, disc, opt, opt, fed.batch_size),
                                          max_client_size=summary["sizes"]["max"])
@@ -324,8 +185,9 @@ def run(config, workdir: str) -> dict:
     train_seconds = time.perf_counter() - t_start
 
     params, batch_stats = variables["params"]["net"], variables.get("batch_stats", {})
-    results, reports = evaluate_modes(config, params, batch_stats, net, test, dataset.num_classes,
-                                      dataset.class_names, region_centres(config, test))
+    results, reports = occlusion_eval.evaluate_modes(
+        config, params, batch_stats, net, test, dataset.num_classes, dataset.class_names,
+        occlusion_eval.region_centres(config, test))
     run.writer.write(done, {f"eval/{m}_accuracy": a for m, a in results["accuracy"].items()})
     if "clean" in reports:
         cm, report = reports["clean"]
@@ -333,7 +195,8 @@ def run(config, workdir: str) -> dict:
                                     title=f"{name} on {dataset.name}: clean acc "
                                           f"{report['accuracy']:.3f}")
         results["test"], results["confusion_matrix"] = report, cm.tolist()
-    save_mask_figure(config, params, batch_stats, net, test, run.workdir / "occlusion_masks.png",
+    occlusion_eval.save_mask_figure(
+        config, params, batch_stats, net, test, run.workdir / "occlusion_masks.png",
                      f"{name} on {dataset.name}: synthetic occluders, true and learned masks")
     results.update(variant=name, dataset=dataset.name, class_names=list(dataset.class_names),
                    steps=done, seed=config.seed, train_seconds=train_seconds,

@@ -14,12 +14,9 @@ import functools
 
 import jax
 import numpy as np
-from absl import logging
 
-from fer_jax import data as data_lib
 from fer_jax import federated as fl
 from fer_jax import models
-from fer_jax.data import partition as partition_lib
 from fer_jax.data.augment import AugmentConfig
 from fer_jax.evaluation import metrics as metrics_lib
 from fer_jax.evaluation import plots
@@ -74,12 +71,7 @@ def train_centralized(config, run, model, train, num_classes, variables, evaluat
 
 def train_federated(config, run, model, train, num_classes, variables, evaluate):
     fed = config.fed
-    parts = partition_lib.from_config(fed, train, seed=config.seed, dataset_name=config.data.name)
-    summary = parts.summary(train.labels, num_classes)
-    run.writer.write_json("partition.json", summary)
-    population = fl.ArrayPopulation.from_clients(
-        [{"image": train.images[i], "label": train.labels[i].astype(np.int32)}
-         for i in parts.client_indices])
+    population, summary = run.population(train, num_classes)
     engine = fed_config.build_engine(
         fed, client(config, model, fed_config.client_optimizer(fed), prox_mu=fed.prox_mu),
         max_client_size=summary["sizes"]["max"])
@@ -92,13 +84,8 @@ def train_federated(config, run, model, train, num_classes, variables, evaluate)
 
 def run(config, workdir: str) -> dict:
     centralized = config.mode == "centralized"
-    run = Run(config, workdir, every=config.checkpoint_every_steps if centralized
-              else config.checkpoint_every_rounds)
-    dataset = data_lib.load(config.data)
-    train, test = dataset[config.data.train_split], dataset[config.data.eval_split]
-    val = dataset[config.data.val_split] if config.data.get("val_split") else None
-    logging.info("dataset %s: classes %s, train %d, eval %d", dataset.name, dataset.class_names,
-                 len(train), len(test))
+    run = Run(config, workdir)
+    dataset, train, test, val = run.load_data()
     model = models.get_model(config.model.name, num_classes=dataset.num_classes,
                              **config.model.kwargs)
     predict = jax.jit(functools.partial(

@@ -1,6 +1,6 @@
 """VFER personalization + head-only FedAvg (configs/vfer.py; Salman & Busso, ICMI 2022).
 
-Host-side driver, PAPERS.md section 2:
+Host-side driver, docs/papers.md#vfer:
   1. corpus: synthetic clips (default) or real videos (fer_jax.data.video: decode, MTCNN, align,
      sample, cache); subjects split into train / dev / test, disjoint;
   2. f = MobileNetV2 (frozen, random or converted weights) -> per-frame 1280-d features, cached;

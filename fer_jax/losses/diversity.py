@@ -10,7 +10,7 @@ phi_l are pooled feature maps: 1 x H x W for spatial diversity (`spatial_pool`),
 channel diversity (`channel_pool`). No feature normalisation; gamma is a config value (the
 authors' code hard-codes 10).
 
-**Decision:** S_ll = exp(0) = 1 as Eq. (1) says. The released code
+**Decision** (docs/papers.md#diversity-diagonal): S_ll = 1 (Eq. (1)). The released code
 leaves the diagonal at 0, which gives det = (-1)^(L-1) (L-1) for identical learners and, for
 odd L, a loss that pulls branches together. Not copied.
 
@@ -95,7 +95,7 @@ def det_diversity(
 ) -> jax.Array:
     """Eq. (2): D = det(S) with S from `rbf_similarity`; the loss subtracts it (loss = CE - D).
 
-    Numerics (decision for issue 3: LU/slogdet with the adjugate gradient, not Cholesky):
+    Numerics (docs/papers.md#diversity-det-numerics: LU with the adjugate gradient, not Cholesky):
     `jnp.linalg.det` takes the value from an LU factorisation (sign * exp(log|det|), closed
     forms for L <= 3) and its gradient from a cofactor solve, d det / dS = adj(S)^T, computed
     without forming det(S) * inv(S). That stays finite when S is singular (identical learners:

@@ -80,7 +80,7 @@ class ConvBlock(nn.Module):
             if min(x.shape[1:3]) < 2:
                 raise ValueError(f"ESR layer {self.name}: spatial size {x.shape[1:3]} is too small "
                                  "for its 2x2 pool; use a larger input or padding='same'")
-            # Reshape pooling: nn.max_pool's gradient is 8-15x slower on XLA:CPU (PERF_NOTES).
+            # Reshape pooling, fast on XLA:CPU (docs/performance.md#max-pool).
             x = layers.max_pool_reshape(x, 2)
         maps = None
         if self.cbam:
@@ -195,7 +195,7 @@ class ESR(nn.Module):
                         reduction=self.reduction, norm=self.norm, bn_momentum=self.bn_momentum)
         shared = ESRBase(block_kw, self.width, self.padding, name="base")(x, train=train)
         # A Python loop, not nn.vmap: vmapped convolutions become grouped convolutions, ~10x
-        # slower on XLA:CPU (PERF_NOTES.md); inactive branches are simply not traced.
+        # slower on XLA:CPU (docs/performance.md#python-loops); inactive branches are not traced.
         outs = [ESRBranch(self.num_classes, block_kw, self.width, self.padding,
                           self.dimensional, name=f"branch_{i}")(shared, train=train)
                 for i in range(b)]

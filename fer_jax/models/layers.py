@@ -1,6 +1,6 @@
 """Pieces shared by the fer_jax models: pooling that is fast on XLA:CPU, depthwise 3x3, norms.
 
-Why these exist (see PERF_NOTES.md): the gradient of ``nn.max_pool`` lowers to
+Why these exist (docs/performance.md#models): the gradient of ``nn.max_pool`` lowers to
 select-and-scatter, a slow path on XLA:CPU (8-15x slower than a reshape + max), and a
 grouped (depthwise) convolution runs at ~1 GFLOP/s there, while the same 3x3 depthwise
 filter written as 9 shifted multiply-adds runs its forward ~30x faster. Every function

@@ -11,7 +11,7 @@ Heidari & Iosifidis (Sec. 3, Fig. 3, Eq. (5)) diversify (i) the four local patch
 branches' globally average-pooled features; this module returns what those terms need:
 'patch_features' (4, N, h, w, C), 'global_embedding' and 'local_embedding' (N, C).
 
-What is "style" (a smaller reading of the paper, documented in WORKSPACE.md section 12):
+What is "style" (a smaller reading of the paper, docs/papers.md#diversity-manet):
 - global branch: ResNet-18 stages 3-4, then a multi-scale block (parallel 3x3 convs with
   dilation 1, 2, 3 -> concat -> 1x1 conv, residual) and CBAM (Woo et al. 2018);
 - local branch, per patch: two ResNet basic blocks (stride 2, widths 4w and 8w like stages
@@ -141,7 +141,7 @@ class MANet(nn.Module):
         g, _ = CBAM(norm=self.norm, name="global_cbam")(g, train=train)
 
         # Four separate local networks (own weights), a Python loop: vmapped convs are
-        # grouped convs on XLA:CPU, ~10x slower (PERF_NOTES.md).
+        # grouped convs on XLA:CPU, ~10x slower (docs/performance.md#python-loops).
         patches = split_patches(low)
         local = jnp.stack([LocalBranch(self.width, conv, norm, self.norm, name=f"local_{i}")(
             patches[i], train=train) for i in range(4)])

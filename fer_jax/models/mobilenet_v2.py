@@ -5,7 +5,7 @@ Table 2 of the paper: a 3x3/2 conv with 32 channels, 17 inverted residual blocks
 (expansion t, output channels c, repeats n, first stride s), a 1x1 conv to 1280 channels;
 BatchNorm (Keras: epsilon 1e-3, momentum 0.999) and ReLU6 after every conv except the
 linear projections. With width 1.0 and no head it has exactly Keras' 2,257,984 variables,
-2,223,872 of them trainable (the VFER feature extractor f; PAPERS.md section 2).
+2,223,872 of them trainable (the VFER feature extractor f; docs/papers.md#vfer-numbers).
 
 Layer names are Keras' with the block prefix as a parent module, so a Keras layer name is
 the flax path joined with '_' (``block_3/depthwise_BN`` <-> ``block_3_depthwise_BN``):

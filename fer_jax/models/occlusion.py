@@ -1,4 +1,4 @@
-"""The occlusion-robust FER network (ICME submission, PAPERS.md sec. 5; paper Fig. 1, Eq. 1).
+"""The occlusion-robust FER network (docs/papers.md#occlusion; paper Fig. 1, Eq. 1).
 
   F(x) = Res_up(Res_low(x) * (1 - phi(Res_low(x))))          Eq. (1)
   R    = the linear expression classifier on the pooled F(x)

@@ -97,7 +97,7 @@ class RelationModule(nn.Module):
 
 
 def _pool(x: jax.Array) -> jax.Array:
-    # Reshape pooling: nn.max_pool's gradient is slow on XLA:CPU (PERF_NOTES.md).
+    # Reshape pooling: nn.max_pool's gradient is slow on XLA:CPU (docs/performance.md#max-pool).
     return layers.max_pool_reshape(x, 2) if x.shape[1] >= 2 and x.shape[2] >= 2 else x
 
 

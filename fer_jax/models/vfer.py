@@ -1,4 +1,4 @@
-"""IFER head g and VFER head v of Salman & Busso (ICMI 2022), PAPERS.md section 2.
+"""IFER head g and VFER head v of Salman & Busso (ICMI 2022), docs/papers.md#vfer-heads.
 
 The frozen feature extractor f is `MobileNetV2(None)` (Keras layout, 2,223,872 trainable
 parameters at width 1.0); both heads read its 1280-d pooled embedding:
@@ -19,7 +19,7 @@ BatchNorm's moving mean / variance are the ~3k non-trainable ones (211,526 - 208
   v: BN(1280) -> Dense(128) -> BN(128) -> ReLU -> Dense(64) -> BN(64) -> ReLU -> LSTM(64)
      -> Dense(K):  2,560 + 163,968 + 256 + 8,256 + 128 + 33,024 + 390 = 208,582      (K = 6)
 
-This decomposition is our reading, not stated in the paper (`norm='none'` gives the plain
+This decomposition is our reading, docs/papers.md#vfer-heads (`norm='none'` gives the plain
 layers; `count_heads` reports both). The LSTM is Keras' (input, forget, cell, output gates,
 sigmoid recurrent activation, 4 x (64 x 64 + 64 x 64 + 64) = 33,024 parameters).
 

@@ -1,4 +1,4 @@
-"""Jitted steps of VFER personalization (Salman & Busso, ICMI 2022; PAPERS.md section 2).
+"""Jitted steps of VFER personalization (Salman & Busso, ICMI 2022; docs/papers.md#vfer).
 
 * `ifer_step`: one Adam step of g on frozen MobileNetV2 features with class-weighted cross
   entropy (Sec. 3.1); `vfer_step`: one Adam step of v on feature sequences (Sec. 3.2). The

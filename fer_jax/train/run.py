@@ -10,23 +10,54 @@ from __future__ import annotations
 import pathlib
 
 import jax
+import numpy as np
 from absl import logging
 
+from fer_jax import data as data_lib
+from fer_jax import federated as fl
+from fer_jax.data import partition as partition_lib
 from fer_jax.evaluation import plots
 from fer_jax.io.checkpoint import Checkpointer
 from fer_jax.io.metrics import MetricWriter, read_jsonl
 
 
 class Run:
-    """The workdir of one run. `every`: checkpoint period in steps (or rounds)."""
+    """The workdir of one run. `every`: checkpoint period in steps (or rounds); default
+    config.checkpoint_every_steps when config.mode is 'centralized', else _every_rounds."""
 
-    def __init__(self, config, workdir: str | pathlib.Path, *, every: int):
+    def __init__(self, config, workdir: str | pathlib.Path, *, every: int | None = None):
+        if every is None:
+            every = (config.checkpoint_every_steps if config.get("mode") == "centralized"
+                     else config.checkpoint_every_rounds)
         self.config = config
         self.workdir = pathlib.Path(workdir)
         self.writer = MetricWriter(self.workdir)
         self.writer.write_json("config.json", config.to_dict())
         self.checkpointer = Checkpointer(self.workdir, every_steps=every,
                                          max_to_keep=config.get("keep_checkpoints", 2))
+
+    def load_data(self):
+        """(dataset, train, test, val or None) of config.data, logged."""
+        data = self.config.data
+        dataset = data_lib.load(data)
+        train, test = dataset[data.train_split], dataset[data.eval_split]
+        val = dataset[data.val_split] if data.get("val_split") else None
+        logging.info("dataset %s: classes %s, train %d, eval %d", dataset.name,
+                     dataset.class_names, len(train), len(test))
+        return dataset, train, test, val
+
+    def population(self, train, num_classes: int):
+        """(ArrayPopulation of {'image', 'label'} clients, partition summary): the training
+        split cut into clients as config.fed asks; the summary goes to partition.json."""
+        parts = partition_lib.from_config(self.config.fed, train, seed=self.config.seed,
+                                          dataset_name=self.config.data.name)
+        summary = parts.summary(train.labels, num_classes)
+        self.writer.write_json("partition.json", summary)
+        population = fl.ArrayPopulation.from_clients(
+            [{"image": train.images[i], "label": train.labels[i].astype(np.int32)}
+             for i in parts.client_indices])
+        logging.info("%d clients (sizes %s)", population.num_clients, summary["sizes"])
+        return population, summary
 
     def restore(self, state, *, place=None, unit: str = "step"):
         """(state, start): the latest checkpoint (put on devices by `place`) or (state, 0)."""

@@ -1,6 +1,6 @@
 """Eye-level face alignment and cropping for FER data preparation.
 
-The data-preparation paper (Khodadadi, PAPERS.md section 4) detects faces with MTCNN (Zhang, Zhang,
+Khodadadi's data preparation (docs/papers.md#prepare-align) detects faces with MTCNN (Zhang, Zhang,
 Li, Qiao, "Joint Face Detection and Alignment using Multi-task Cascaded Convolutional Networks",
 IEEE SPL 2016), rotates each face so the two eye centres are level (eye centre = mean of that eye's
 landmarks: one point per eye for MTCNN's five landmarks, six for the 68-point scheme), crops it
@@ -9,7 +9,7 @@ affine warp:
 
 * angle theta = atan2(y_right - y_left, x_right - x_left) of the line between the eye centres;
 * crop = a square of side max(box w, h) * (1 + 2 * margin) centred on the box centre and turned by
-  theta (so the eyes come out level); decision: square, so the face is not stretched;
+  theta (eyes level); square so the face is not stretched (docs/papers.md#prepare-align);
 * without a box (landmarks only), the square covers the landmarks' extent in the rotated frame;
 * each output pixel averages k x k bilinear samples, k = ceil(crop side / output side) capped at 4
   (anti-aliasing when shrinking); samples outside the image take the nearest edge pixel.
