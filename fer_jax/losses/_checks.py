@@ -58,10 +58,10 @@ def sigmoid_bce(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def masked_mean(values: jax.Array, valid: jax.Array | None) -> jax.Array:
-    """Mean of `values` over the leading axis where `valid` (bool (N,)); 0 if none is valid.
+    """Mean of the elements of `values` where `valid` (bool, same shape); 0 if none is valid.
 
-    `values` must already be finite on the masked rows (zero their inputs first): the `where`
-    keeps a masked row out of the value, but a NaN there would still reach the gradient.
+    `values` must already be finite where masked (zero the inputs first): the `where` keeps a
+    masked element out of the value, but a NaN there would still reach the gradient.
     """
     if valid is None:
         return jnp.mean(values)

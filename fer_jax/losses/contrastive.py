@@ -90,5 +90,4 @@ def nt_xent(
     drop = jnp.eye(2 * n, dtype=bool) | ~valid[None, :]
     log_prob = jax.nn.log_softmax(jnp.where(drop, _MASKED, logits), axis=-1)
     per_anchor = -jnp.take_along_axis(log_prob, positive[:, None], axis=-1)[:, 0]
-    count = jnp.sum(valid)
-    return jnp.sum(jnp.where(valid, per_anchor, 0.0)) / jnp.maximum(count, 1).astype(z.dtype)
+    return _checks.masked_mean(per_anchor, valid)

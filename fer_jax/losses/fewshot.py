@@ -110,6 +110,4 @@ def relation_mse(
         )
     pair = mask if mask.dtype == bool else mask != 0
     # The inner where keeps a masked pair's NaN score out of the gradient, not only the value.
-    sq = jnp.square(jnp.where(pair, scores, 0.0) - target)
-    total = jnp.sum(jnp.where(pair, sq, 0.0))
-    return total / jnp.maximum(jnp.sum(pair), 1).astype(scores.dtype)
+    return _checks.masked_mean(jnp.square(jnp.where(pair, scores, 0.0) - target), pair)
