@@ -2,11 +2,12 @@
 
 Per config: a straight run (cold compilation cache) and a second straight run (warm; its wall
 time T sets the kill window and the two must be bit-identical), then `--kills` trials. A trial
-starts a fresh run and SIGKILLs it either after a delay drawn uniformly from [0, 0.75 T)
-("random"; below T, since a loaded machine's run times vary by 10-20%)
-or the moment a checkpoint write is seen in progress, i.e. an orbax temporary folder exists
-under checkpoints/, plus 0-20 ms ("in_write"); the two alternate. The killed workdir is then
-resumed by the same command until it finishes. Checked per trial:
+starts a fresh run and SIGKILLs it, the three modes in turn: "random" after a delay drawn
+uniformly from [0, 0.75 T) (below T: on a loaded machine run times vary by 10-20%), "in_write"
+0-20 ms after the 1st, 2nd or 3rd checkpoint write is seen in progress (an orbax temporary
+folder under checkpoints/), "after_checkpoint" at a random moment in the 0.5 T after the first
+checkpoint is committed. The killed workdir is then resumed by the same command until it
+finishes. Checked per trial:
 * the final checkpoint (whole state: params, optimizer, step, RNG) equals the straight run's
   bit for bit;
 * every checkpoint ever left in the workdir (set-aside ones too) is finite;
@@ -77,23 +78,33 @@ def _straight(workdir, args, cache, log) -> float:
     return seconds
 
 
-def _writing(workdir: pathlib.Path) -> bool:
+def _writes(workdir: pathlib.Path) -> set[str]:
+    """Names of orbax temporary folders (checkpoint writes in progress) under checkpoints/."""
     ckpts = workdir / "checkpoints"
-    return ckpts.is_dir() and any("tmp" in p.name for p in ckpts.iterdir())
+    return {p.name for p in ckpts.iterdir() if "tmp" in p.name} if ckpts.is_dir() else set()
 
 
-def _kill(workdir, args, cache, mode: str, delay: float, rng) -> dict:
+def _kill(workdir, args, cache, mode: str, warm: float, rng) -> dict:
     proc = subprocess.Popen(_command(workdir, args, cache), cwd=REPO, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t0 = time.perf_counter()
     if mode == "random":
+        delay = rng.uniform(0, 0.75 * warm)
         while time.perf_counter() - t0 < delay and proc.poll() is None:
             time.sleep(0.005)
-    else:
-        while not _writing(workdir) and proc.poll() is None:
+    elif mode == "in_write":  # During the 1st, 2nd or 3rd checkpoint write.
+        target, seen = rng.randint(1, 3), set()
+        while len(seen) < target and proc.poll() is None:
+            seen |= _writes(workdir)
             time.sleep(0.002)
         time.sleep(rng.uniform(0, 0.02))
-    in_write = _writing(workdir)
+    else:  # "after_checkpoint": a random moment after the first checkpoint is committed.
+        while not _steps(workdir / "checkpoints") and proc.poll() is None:
+            time.sleep(0.005)
+        delay = time.perf_counter() - t0 + rng.uniform(0, 0.5 * warm)
+        while time.perf_counter() - t0 < delay and proc.poll() is None:
+            time.sleep(0.005)
+    in_write = bool(_writes(workdir))
     finished = proc.poll() is not None
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -171,8 +182,8 @@ def run_config(name: str, kills: int, root: pathlib.Path, rng, log) -> dict:
     trials = []
     for i in range(kills):
         workdir = root / f"{name}_kill{i}"
-        mode = "in_write" if i % 2 else "random"
-        trial = _kill(workdir, args, cache, mode, rng.uniform(0, 0.75 * warm), rng)
+        mode = ("random", "in_write", "after_checkpoint")[i % 3]
+        trial = _kill(workdir, args, cache, mode, warm, rng)
         t0 = time.perf_counter()
         resumed = subprocess.run(_command(workdir, args, cache), cwd=REPO, env=_env(),
                                  capture_output=True, text=True)
