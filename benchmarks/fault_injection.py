@@ -17,8 +17,8 @@ The resumed run also finds the killed run's lock file and takes it over (counted
 with a FloatingPointError and leave only finite checkpoints.
 
 Run: .venv/bin/python benchmarks/fault_injection.py [--kills 20] [--configs supervised,fedavg,
-fedaffect] [--blowup] [--seed 0]. Updates benchmarks/results/fault_injection.json (entries of
-configs not run are kept).
+fedaffect] [--blowup] [--seed 0]. Updates benchmarks/results/fault_injection.json: each
+invocation adds a pass per config, the summary totals all passes.
 """
 
 from __future__ import annotations
@@ -202,20 +202,26 @@ def run_config(name: str, kills: int, root: pathlib.Path, rng, log) -> dict:
         trials.append(trial)
         print(name, i, trial, flush=True)
         shutil.rmtree(workdir, ignore_errors=True)
+    return {"args": args, "final_step": step, "straight_cold_s": round(cold, 1),
+            "straight_warm_s": round(warm, 1), "two_straight_runs_identical": repeat_identical,
+            "trials": trials}
+
+
+def summarize(passes: list[dict]) -> dict:
+    """Totals over every pass of a config (passes accumulate over invocations)."""
+    trials = [t for p in passes for t in p["trials"]]
     killed = [t for t in trials if not t["finished_before_kill"]]
     return {
-        "args": args, "final_step": step, "straight_cold_s": round(cold, 1),
-        "straight_warm_s": round(warm, 1), "two_straight_runs_identical": repeat_identical,
-        "trials": trials,
-        "summary": {
-            "kills": len(killed),
-            "kills_during_checkpoint_write": sum(t["write_in_progress_at_kill"] for t in killed),
-            "resumed_bit_identical": sum(t["bit_identical"] for t in killed),
-            "non_finite_checkpoints": sum(t["non_finite_checkpoints"] for t in trials),
-            "duplicated_metric_records": sum(t["duplicated_metric_records"] for t in killed),
-            "trials_with_duplicates": sum(t["duplicated_metric_records"] > 0 for t in killed),
-            "stale_locks_taken_over": sum(t["stale_lock_taken_over"] for t in killed),
-        }}
+        "kills": len(killed),
+        "kills_by_mode": dict(collections.Counter(t["mode"] for t in killed)),
+        "kills_during_checkpoint_write": sum(t["write_in_progress_at_kill"] for t in killed),
+        "resumed_bit_identical": sum(t["bit_identical"] for t in killed),
+        "straight_runs_identical": all(p["two_straight_runs_identical"] for p in passes),
+        "non_finite_checkpoints": sum(t["non_finite_checkpoints"] for t in trials),
+        "duplicated_metric_records": sum(t["duplicated_metric_records"] for t in killed),
+        "trials_with_duplicates": sum(t["duplicated_metric_records"] > 0 for t in killed),
+        "stale_locks_taken_over": sum(t["stale_lock_taken_over"] for t in killed),
+        "runs_finished_before_kill": len(trials) - len(killed)}
 
 
 def blowup(root: pathlib.Path) -> dict:
@@ -254,14 +260,17 @@ def main() -> None:
             out.write_text(json.dumps(results, indent=2) + "\n")
         with open(root / "log.txt", "w") as log:
             for name in filter(None, args.configs.split(",")):
+                entry = results["configs"].setdefault(name, {"passes": []})
                 try:
-                    results["configs"][name] = {
-                        "kills_requested": args.kills, "seed": args.seed,
-                        **run_config(name, args.kills, root, rng, log)}
+                    one = run_config(name, args.kills, root, rng, log)
                 except RuntimeError as e:
-                    results["configs"][name] = {"error": str(e)[-1500:]}
-                print(name, results["configs"][name].get("summary",
-                                                         results["configs"][name]), flush=True)
+                    entry["error"] = str(e)[-1500:]
+                    print(name, entry["error"], flush=True)
+                    continue
+                entry.pop("error", None)
+                entry["passes"].append({"seed": args.seed, **one})
+                entry["summary"] = summarize(entry["passes"])
+                print(name, entry["summary"], flush=True)
                 out.write_text(json.dumps(results, indent=2) + "\n")
 
 
