@@ -86,23 +86,6 @@ def test_one_branch_has_no_diversity_term():
                                rtol=1e-6)
 
 
-def test_masked_diversity_equals_the_unpadded_batch():
-    phi = jax.random.normal(jax.random.PRNGKey(4), (3, 7, 5))
-    mask = jnp.array([1, 1, 0, 1, 0, 1, 1], bool)
-    got = steps.masked_det_diversity(phi, mask, gamma=0.3)
-    want = losses.det_diversity(phi[:, np.asarray(mask)], gamma=0.3)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
-    assert float(steps.masked_det_diversity(phi, jnp.zeros(7, bool), gamma=0.3)) == 0.0
-    # per_feature: gamma / D on (L, N, 5) features; with a mask as well.
-    np.testing.assert_allclose(
-        steps.masked_det_diversity(phi, mask, gamma=3.0, per_feature=True),
-        _np_det_diversity(np.asarray(phi)[:, np.asarray(mask)], 3.0 / 5), rtol=1e-5)
-    maps = phi.reshape(3, 7, 5, 1)
-    np.testing.assert_allclose(steps.masked_det_diversity(maps, None, gamma=3.0,
-                                                          per_feature=True),
-                               _np_det_diversity(phi, 0.6), rtol=1e-5)
-
-
 def test_manet_loss_matches_eq5():
     k = jax.random.split(jax.random.PRNGKey(5), 5)
     patches = jax.random.normal(k[0], (4, 6, 3, 3, 10))

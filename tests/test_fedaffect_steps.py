@@ -28,40 +28,6 @@ def _nt_xent_np(za, zb, tau):
     return total / n2
 
 
-def test_masked_nt_xent_equals_loss_on_valid_rows():
-    rng = np.random.default_rng(0)
-    za, zb = rng.normal(size=(6, 5)), rng.normal(size=(6, 5))
-    mask = np.array([1, 0, 1, 1, 0, 1], bool)
-    got = st.masked_nt_xent(jnp.asarray(za), jnp.asarray(zb), jnp.asarray(mask), temperature=0.3)
-    np.testing.assert_allclose(got, _nt_xent_np(za[mask], zb[mask], 0.3), rtol=1e-5)
-    np.testing.assert_allclose(got, losses.nt_xent(za[mask], zb[mask], temperature=0.3),
-                               rtol=1e-5)
-    # Padded rows get no gradient; everything valid equals the unmasked loss.
-    g = jax.grad(lambda a: st.masked_nt_xent(a, jnp.asarray(zb), jnp.asarray(mask),
-                                             temperature=0.3))(jnp.asarray(za))
-    assert np.all(np.asarray(g)[~mask] == 0) and np.all(np.abs(np.asarray(g)[mask]) > 0)
-    full = st.masked_nt_xent(jnp.asarray(za), jnp.asarray(zb), jnp.ones(6, bool), temperature=0.3)
-    np.testing.assert_allclose(full, losses.nt_xent(za, zb, temperature=0.3), rtol=1e-5)
-    # No valid row: 0 with finite gradients.
-    none = jax.value_and_grad(lambda a: st.masked_nt_xent(a, a, jnp.zeros(6, bool),
-                                                          temperature=0.3))(jnp.asarray(za))
-    assert float(none[0]) == 0.0 and np.all(np.isfinite(none[1]))
-
-
-def test_masked_relation_mse_equals_loss_on_valid_pairs():
-    rng = np.random.default_rng(1)
-    scores = rng.random((4, 5))
-    ql = np.array([0, 2, 4, 1])
-    qv, cv = np.array([1, 1, 0, 1], bool), np.array([1, 0, 1, 1, 1], bool)
-    got = st.masked_relation_mse(jnp.asarray(scores), jnp.asarray(ql), jnp.asarray(qv),
-                                 jnp.asarray(cv))
-    ref = losses.relation_mse(scores[qv][:, cv], ql[qv], np.arange(5)[cv])
-    np.testing.assert_allclose(got, ref, rtol=1e-6)
-    hand = np.mean([(scores[q, c] - (ql[q] == c)) ** 2 for q in range(4) for c in range(5)
-                    if qv[q] and cv[c]])
-    np.testing.assert_allclose(got, hand, rtol=1e-6)
-
-
 def _encoder():
     return models.get_model("small_cnn", num_classes=None, widths=(8, 8), norm="none")
 

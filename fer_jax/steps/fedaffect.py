@@ -154,12 +154,6 @@ class FewShotClient:
         return {"params": state.params}
 
 
-@functools.partial(jax.jit, static_argnames=("method",), donate_argnums=(0,))
-def centralized_step(state, batch, mask, key, *, method):
-    """The centralized learner's update: the client method's step on pooled data (jitted)."""
-    return method.step(state, batch, mask, key)
-
-
 @functools.partial(jax.jit, static_argnames=("model", "image_size", "channels"))
 def feature_maps(params, images, *, model, image_size: int, channels: int) -> jax.Array:
     """Embedding-module maps (N, h, w, c) of uint8 images (FewShotLearner.features, eval mode)."""
