@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 
-EXPERIMENTS = ("supervised", "prepare", "fedaffect", "diversity", "occlusion",
+EXPERIMENTS = ("supervised", "prepare", "evaluate", "fedaffect", "diversity", "occlusion",
                "vfer")
 
 
