@@ -233,39 +233,33 @@ class Checkpointer:
 
 
 def finite_check(tree) -> tuple[list[str], float]:
-    """(paths of float leaves holding NaN/Inf, largest finite |value| over all float leaves).
+    """(paths of float leaves holding NaN/Inf, largest |value| over the finite leaves).
 
-    One jitted reduction over the device leaves (a single host sync) plus NumPy on host leaves.
+    One jitted max|x| per leaf (NaN and Inf propagate through it), a single host sync; NumPy
+    for host leaves.
     """
     named = [(jax.tree_util.keystr(p, simple=True, separator="/"), x)
              for p, x in jax.tree_util.tree_leaves_with_path(tree)
              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact) and x.size]
     device = [(n, x) for n, x in named if isinstance(x, jax.Array)]
     host = [(n, np.asarray(x)) for n, x in named if not isinstance(x, jax.Array)]
-    flags, largest = [], []
+    largest = []
     if device:
-        f, m = _device_stats([x for _, x in device])
-        if not f.is_fully_addressable:
+        m = _max_abs([x for _, x in device])
+        if not all(x.is_fully_addressable for x in m):
             from jax.experimental import multihost_utils
 
-            f, m = multihost_utils.process_allgather((f, m), tiled=True)
-        flags.extend(np.asarray(f).tolist())
-        largest.extend(np.asarray(m).tolist())
-    for _, x in host:
-        finite = np.isfinite(x)
-        flags.append(bool(finite.all()))
-        largest.append(float(np.abs(np.where(finite, x, 0)).max()))
+            m = multihost_utils.process_allgather(m, tiled=True)
+        largest.extend(float(x) for x in jax.device_get(m))
+    largest.extend(float(np.max(np.abs(x))) for _, x in host)
     names = [n for n, _ in device] + [n for n, _ in host]
-    bad = [n for n, ok in zip(names, flags, strict=True) if not ok]
-    return bad, float(max(largest, default=0.0))
+    bad = [n for n, m in zip(names, largest, strict=True) if not np.isfinite(m)]
+    return bad, float(max((m for m in largest if np.isfinite(m)), default=0.0))
 
 
 @jax.jit
-def _device_stats(leaves):
-    finite = jnp.stack([jnp.isfinite(x).all() for x in leaves])
-    largest = jnp.stack([jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), 0)).astype(jnp.float32)
-                         for x in leaves])
-    return finite, largest
+def _max_abs(leaves):
+    return [jnp.max(jnp.abs(x)) for x in leaves]  # Each in its leaf's precision.
 
 
 def _names(paths: list[str], limit: int = 4) -> str:
