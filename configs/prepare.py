@@ -1,4 +1,4 @@
-r"""FER data preparation (Khodadadi, PAPERS.md section 4): split -> balance -> detect -> align ->
+r"""FER data preparation (Khodadadi, docs/papers.md#prepare): split -> balance -> detect -> align ->
 normalize -> resize, with report.json / report.md and a TFDS array_record dataset in the workdir.
 
 Smoke test (48 embedded synthetic faces through every step, MTCNN included):

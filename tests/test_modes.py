@@ -21,7 +21,7 @@ def _first_steps(method, variables, data: dict, *, batch_size: int, seed: int = 
     central = jax.device_get(learner.variables())
 
     fed = dict(fed_config.fed_defaults(), batch_size=batch_size, tail_multiple=0,
-               clients_per_call=1)
+               clients_per_call=1, num_devices=1)  # One device of the 8 fake ones.
     engine = fed_config.build_engine(_Block(fed), method, max_client_size=n)
     population = fl.ArrayPopulation.from_clients([data])
     server = engine.init(variables)

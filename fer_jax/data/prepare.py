@@ -1,6 +1,6 @@
 """FER data preparation as an explicit, ordered list of steps, with a per-stage report.
 
-Khodadadi's pipeline (PAPERS.md section 4): a class-stratified split with test ratio 0.25 (each
+Khodadadi's pipeline (docs/papers.md#prepare): a class-stratified split with test ratio 0.25 (each
 class shuffled, then cut, no overlap); balancing of the training split only, after the split so
 nothing leaks, by augmenting (random rotation in [0, 90] degrees, brightness in [0.2, 1.0],
 horizontal flip) and oversampling every class up to the majority count; MTCNN face detection

@@ -14,7 +14,7 @@ tolerantly and counts each problem in its report instead.
 Layouts (root = the folder given as `input.path`):
 * class folders: `root/<class>/<image>` (any depth below the class folder), optional subject-id
   regex on the path below the class folder (`^(S\\d+)_` for CK+ names);
-* Aff-Wild2-derived class folders (Khodadadi, PAPERS.md section 4): the same with exactly the six
+* Aff-Wild2-derived class folders (Khodadadi, docs/papers.md#prepare): the same with exactly the six
   classes anger, disgust, fear, happiness, sadness, surprise (labels 0..5 in that order);
 * RAF-DB basic (Li, Deng, Du, CVPR 2017): `basic/EmoLabel/list_patition_label.txt` lines
   `train_00001.jpg 5` (1..7 = surprise, fear, disgust, happiness, sadness, anger, neutral) and

@@ -1,6 +1,6 @@
 """The prepare command (configs/prepare.py): raw FER files -> a prepared TFDS dataset + a report.
 
-Khodadadi's data preparation (PAPERS.md section 4) as an explicit ordered list of steps
+Khodadadi's data preparation (docs/papers.md#prepare) as an explicit ordered list of steps
 (`config.steps`, paper order split -> balance -> detect -> align -> normalize -> resize; see
 fer_jax.data.prepare). Host side only. Writes into the workdir: config.json, report.json and
 report.md (counts per split and class after every stage, dropped files with their reasons and
