@@ -219,3 +219,109 @@ def test_weighted_mean_averages_integer_leaves_in_float():
     np.testing.assert_allclose(out["flag"], 1 / 3, rtol=1e-6)
     assert out["half"].dtype == np.float16  # floating leaves keep their dtype
     np.testing.assert_allclose(out["half"], [5 / 3], rtol=1e-3)
+
+
+def _count_compiles(fn):
+    """(fn's result, names of the XLA compilations it triggered)."""
+    compiled = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(kwargs.get("fun_name", ""))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        return fn(), compiled
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+@pytest.mark.parametrize("backend,tail", [
+    (fl.RoundBackend(), 0), (fl.RoundBackend(steps_per_call=2), 2)])
+def test_compile_leaves_nothing_to_compile_in_rounds(backend, tail):
+    """engine.compile(population) then rounds over cohorts of every size mix: no compilation.
+    A fresh method object so that nothing is shared with the other tests' compilations."""
+    import optax
+    from test_federated_round import BATCH, MODEL
+
+    _, population = make_population()
+    method = fl.SupervisedClient(fl.classifier_loss(MODEL.apply), optax.sgd(0.1))
+    engine = fl.FederatedEngine(
+        method, packing=fl.PackingConfig(batch_size=BATCH, step_buckets=(1, 2, 3, 5, 9),
+                                         clients_per_call=2, tail_multiple=tail),
+        backend=backend, mesh=fl.clients_mesh(jax.devices()[:1]))
+    variables = build_engine()[1]
+    state = engine.init(variables)
+    seconds, compiled = _count_compiles(lambda: engine.compile(population))
+    assert seconds > 0 and "jit(server_update)" in compiled
+    shapes = fl.packing.chunk_shapes(population.sizes(np.arange(len(SIZES))), engine.packing)
+    assert len(shapes) >= 4  # several buckets (and tail widths) to cover
+
+    def rounds(state):
+        for cohort in [[0, 2, 3], [4, 5, 6, 1], [3, 6], [2, 0, 5, 4], [1, 3], [0, 2, 3, 4, 5, 6]]:
+            state, _ = engine.run_round(state, population, engine.plan(population, cohort),
+                                        jax.random.PRNGKey(0))
+        return state
+
+    state, compiled = _count_compiles(lambda: rounds(state))
+    assert compiled == [] and int(state.round) == 6
+
+
+def test_auto_layout_probes_records_and_matches_numpy():
+    """No backend given: the engine times a few layouts at the first plan(), within a few
+    seconds, reports its choice in every RoundResult, and still computes FedAvg exactly."""
+    import optax
+    from test_federated_round import BATCH, MODEL, np_round
+
+    clients, population = make_population()
+    method = fl.SupervisedClient(fl.classifier_loss(MODEL.apply), optax.sgd(0.3))
+    engine = fl.FederatedEngine(
+        method, packing=fl.PackingConfig(batch_size=BATCH, step_buckets=(3, 9), shuffle=False),
+        mesh=fl.clients_mesh(jax.devices()[:1]))
+    variables = build_engine()[1]
+    ref = to_np(variables)
+    state = engine.init(variables)
+    cohort = [0, 1, 2, 3, 4, 5, 6]
+    plan = engine.plan(population, cohort)
+    layout = engine.layout
+    assert layout["mode"] == "auto" and layout["source"] == "probe"
+    # 16x16 capped at the cohort's 7 clients; the first two candidates are always timed.
+    assert {"7x7", "4x1"} <= set(layout["estimated_s_per_round"]) <= {"1x1", "4x1", "7x7"}
+    assert layout["unroll"] == 1  # no convolution: rolled step loops (they compile faster)
+    chosen = f"{layout['clients_per_call']}x{layout['vmap_width']}"
+    assert layout["estimated_s_per_round"][chosen] == min(layout["estimated_s_per_round"].values())
+    assert layout["probe_s"] < 60  # budget 5 s of probing plus one compile, on a loaded machine
+    assert engine.packing.clients_per_call == layout["clients_per_call"]
+    state, result = engine.run_round(state, population, plan, jax.random.PRNGKey(1))
+    assert result.layout == layout
+    mean_delta = np_round(ref, clients, cohort, weighting="num_examples")
+    for k, v in to_np(state.variables).items():
+        np.testing.assert_allclose(v, ref[k] + mean_delta[k], atol=1e-5, rtol=1e-5, err_msg=k)
+
+
+def test_auto_layout_keeps_convolutions_unvmapped_on_cpu():
+    import flax.linen as nn
+    import jax.numpy as jnp
+    import optax
+
+    class Conv(nn.Module):
+        @nn.compact
+        def __call__(self, x, *, train):
+            del train
+            x = nn.Conv(2, (3, 3))(x[..., None])
+            return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+    rng = np.random.default_rng(0)
+    population = fl.ArrayPopulation({"image": rng.normal(size=(40, 5, 5)).astype(np.float32),
+                                     "label": rng.integers(0, 3, 40).astype(np.int32)},
+                                    [10, 10, 10, 10])
+    engine = fl.FederatedEngine(fl.SupervisedClient(fl.classifier_loss(Conv().apply),
+                                                    optax.sgd(0.1)),
+                                packing=fl.PackingConfig(batch_size=4),
+                                mesh=fl.clients_mesh(jax.devices()[:1]))
+    engine.init(Conv().init(jax.random.PRNGKey(0), jnp.zeros((1, 5, 5)), train=False))
+    engine.plan(population, [0, 1, 2, 3])
+    assert engine.layout["source"].startswith("cost model")
+    assert (engine.layout["clients_per_call"], engine.layout["vmap_width"]) == (1, 1)
+    with pytest.raises(ValueError, match="layout 'best' is not one of"):
+        fl.RoundBackend(layout="best")

@@ -50,8 +50,14 @@ def process_rows(mesh: Mesh, num_clients: int) -> slice:
 
 
 def shard_clients(tree, mesh: Mesh, num_clients: int):
-    """Global arrays [num_clients, ...] sharded over 'clients' from this process's rows."""
+    """Global arrays [num_clients, ...] sharded over 'clients' from this process's rows.
+
+    One process: a single batched `device_put` of the whole tree (one transfer; the per-array
+    `make_array_from_process_local_data` it replaces was most of a small model's round).
+    """
     sharding = NamedSharding(mesh, P(CLIENTS))
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
 
     def put(x):
         x = np.asarray(x)
@@ -70,7 +76,10 @@ def replicate(tree, mesh: Mesh):
 
 
 def to_host(tree):
-    """NumPy copies of (possibly multi-host sharded) global arrays, gathered to every process."""
+    """NumPy copies of (possibly multi-host sharded) global arrays, gathered to every process.
+    One process: one batched `jax.device_get` of the whole tree."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, jax.device_get(tree))
 
     def get(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:

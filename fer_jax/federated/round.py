@@ -3,12 +3,14 @@
 One round = a host loop over the fixed-shape chunks of a `CohortPlan`, each a call of the jitted
 `client_chunk` that adds its clients' weighted deltas into a donated on-device accumulator, then
 one jitted `server_update`. The host never touches a single client and never waits on the device
-inside the loop (it materializes the next chunk while the device computes). With
-clients_per_call = cohort size and one step bucket the round is one client_chunk call.
+inside the loop: it gathers the next chunk while the device computes, chunk data goes to the
+device within the jitted call's own dispatch (no per-array Python transfer), and the round's
+metrics come back in one copy at its end. `FederatedEngine.compile` compiles every chunk shape up
+front. With clients_per_call = cohort size and one step bucket the round is one client_chunk call.
 Inside a chunk, each device of the 'clients' mesh axis (shard_map) takes its K/D clients in
 groups of `vmap_width` computed together by vmap; groups follow each other in a lax.scan
 (unroll it for convolutional models on CPU: rolled loops around convolution weight
-gradients are ~100x slower on XLA:CPU, see PERF_NOTES.md); each client's local steps are a
+gradients are ~100x slower on XLA:CPU, measured); each client's local steps are a
 lax.scan. Each device keeps its own partial sums across the round's chunks; server_update adds
 them up (one all-reduce per round, across hosts too).
 With RoundBackend.steps_per_call = L > 0 a chunk is client_begin, then client_steps per run of at
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Any
 
 import flax.struct
@@ -43,6 +46,7 @@ from fer_jax.federated.packing import CohortPlan, PackingConfig, materialize_chu
 from fer_jax.federated.population import Population
 
 WEIGHTINGS = ("num_examples", "client_size", "uniform")
+LAYOUTS = ("fixed", "auto")
 ON_NONFINITE = ("raise", "drop")
 
 
@@ -74,16 +78,24 @@ class Accumulator:
     nonfinite: jax.Array
 
 
+def _on_cpu() -> bool:
+    return jax.default_backend() == "cpu"
+
+
 @dataclasses.dataclass(frozen=True)
 class RoundBackend:
     """How clients are laid onto the hardware (results agree to float tolerance across choices).
 
     vmap_width: clients per device computed together with vmap (1 = one at a time).
     step_unroll / group_unroll: `unroll` of the local-step scan and of the scan over vmap groups
-      (True = full). Rolled loops compile fastest (the default). Measured on the 2-core CPU
-      (benchmarks/federated_throughput.py): small CNN
-      wants vmap_width=1 with everything unrolled, and few clients per call; a small MLP wants a
-      wide vmap. On GPU/TPU use vmap_width = clients_per_call / devices and rolled scans.
+      (True = full). Default: True on CPU (convolution weight gradients inside XLA:CPU while
+      loops are ~30-100x slower), 1 (rolled, fastest to compile) on GPU/TPU.
+    layout: 'fixed' uses clients_per_call (PackingConfig) and vmap_width as given; 'auto' lets
+      the engine choose both at the first plan() (see `FederatedEngine.layout`): on CPU a model
+      with convolutions gets 1 client per call unvmapped (measured: vmap turns them into grouped
+      convolutions, ~10x slower; 4 per call was 2.5x slower), other models a timed probe of
+      1 / 4 / 16x16-vmapped clients per call and device; on GPU/TPU a probe of vmap widths
+      8 / 32 / 128 per device.
     steps_per_call: 0 = a chunk's clients run all their local steps in one call; L > 0 = in
       calls of at most L steps (client_begin / client_steps / client_end), the client states
       carried between calls on device. Same result (to float tolerance). For clients with many
@@ -92,11 +104,14 @@ class RoundBackend:
     """
 
     vmap_width: int = 1
-    step_unroll: int | bool = 1
-    group_unroll: int | bool = 1
+    step_unroll: int | bool = dataclasses.field(default_factory=lambda: True if _on_cpu() else 1)
+    group_unroll: int | bool = dataclasses.field(default_factory=lambda: True if _on_cpu() else 1)
     steps_per_call: int = 0
+    layout: str = "fixed"
 
     def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout {self.layout!r} is not one of {LAYOUTS}")
         if self.vmap_width < 1:
             raise ValueError(f"vmap_width must be >= 1, got {self.vmap_width}")
         if self.steps_per_call < 0:
@@ -105,9 +120,14 @@ class RoundBackend:
 
     @classmethod
     def from_config(cls, fed) -> RoundBackend:
-        """From a config's `fed` block: vmap_width, unroll (both scans), steps_per_call."""
+        """From a config's `fed` block: vmap_width, unroll (both scans), steps_per_call, layout."""
         return cls(vmap_width=fed.vmap_width, step_unroll=fed.unroll, group_unroll=fed.unroll,
-                   steps_per_call=fed.get("steps_per_call", 0))
+                   steps_per_call=fed.get("steps_per_call", 0), layout=fed.get("layout", "fixed"))
+
+    @classmethod
+    def auto(cls, **kw) -> RoundBackend:
+        """The engine picks clients per call and vmap width (see `layout`)."""
+        return cls(layout="auto", **kw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +173,7 @@ def _scan(body, carry, xs, unroll):
 
     lax.scan(unroll=True) still emits a one-trip while loop when the length is 1 (and XLA:CPU
     kept it inside shard_map), and convolution weight gradients inside any while loop take
-    XLA:CPU's ~30-100x slower path (PERF_NOTES.md). Measured: a 4-client round of the small
+    XLA:CPU's ~30-100x slower path. Measured: a 4-client round of the small
     CNN went from 12.6 s to 0.3 s with this.
     """
     length = jax.tree.leaves(xs)[0].shape[0]
@@ -460,14 +480,19 @@ class RoundResult:
     padding_efficiency: float
     client_updates: int
     useful_examples: int
+    layout: dict | None = None   # the engine's client layout (FederatedEngine.layout)
 
 
 class FederatedEngine:
     """Host-side owner of a run's static configuration and the round loop.
 
     Typical driver: engine = FederatedEngine(method, ...); state = engine.init(variables);
+    engine.compile(population) (optional: compiles every chunk shape up front);
     for r: ids = sampler.sample(seed, r); plan = engine.plan(population, ids);
     state, result = engine.run_round(state, population, plan, key, seed=seed); log result.
+
+    Without `backend` the engine picks its layout (RoundBackend.auto()) at the first plan() or
+    compile(); `engine.layout` (also in every RoundResult) says what it chose and why.
     """
 
     def __init__(self, method: ClientMethod, *, server_optimizer=None,
@@ -481,10 +506,10 @@ class FederatedEngine:
         if on_nonfinite not in ON_NONFINITE:
             raise ValueError(f"on_nonfinite {on_nonfinite!r} is not one of {ON_NONFINITE}")
         packing = PackingConfig() if packing is None else packing
-        backend = RoundBackend() if backend is None else backend
+        backend = RoundBackend.auto() if backend is None else backend
         mesh = mesh_lib.clients_mesh() if mesh is None else mesh
         per_call = mesh.devices.size * min(backend.vmap_width, packing.clients_per_call)
-        if packing.clients_per_call % per_call:
+        if backend.layout == "fixed" and packing.clients_per_call % per_call:
             raise ValueError(f"clients_per_call={packing.clients_per_call} must be a multiple of "
                              f"devices ({mesh.devices.size}) x vmap_width ({backend.vmap_width})")
         self.packing = packing
@@ -492,6 +517,10 @@ class FederatedEngine:
         self.spec = ClientSpec(method, param_filter, backend, mesh)
         self.server_spec = ServerSpec(server_optimizer or aggregate.server_optimizer("fedavg"),
                                       param_filter, on_nonfinite)
+        self.layout = {"mode": backend.layout, "clients_per_call": packing.clients_per_call,
+                       "vmap_width": backend.vmap_width, "unroll": backend.step_unroll}
+        if backend.layout == "fixed":
+            self.layout["source"] = "given"
 
     @property
     def mesh(self) -> Mesh:
@@ -506,11 +535,15 @@ class FederatedEngine:
         state = ServerState(variables, self.server_spec.server_optimizer.init(fed),
                             jnp.zeros((), jnp.int32))
         # Copy through the host: rounds donate the state, the caller's `variables` must survive.
-        return mesh_lib.replicate(jax.tree.map(np.array, state), self.mesh)
+        return self.place(state)
 
     def place(self, state: ServerState) -> ServerState:
         """A (restored) server state copied onto this engine's mesh, replicated."""
-        return mesh_lib.replicate(jax.tree.map(np.array, state), self.mesh)
+        state = mesh_lib.replicate(jax.tree.map(np.array, state), self.mesh)
+        # Shapes and shardings only: what compile() and the layout probe run on.
+        self._state_like = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        return state
 
     def local_template(self, variables):
         """The LOCAL subtree of `variables`: what a client starts from on its first round."""
@@ -523,6 +556,7 @@ class FederatedEngine:
         if ids.size == 0:
             raise ValueError("empty cohort: no client ids given")
         sizes = population.sizes(ids)
+        self._choose_layout(population, ids)
         return plan_cohort(ids, sizes, self.packing, self.client_weights(sizes))
 
     def client_weights(self, sizes) -> np.ndarray:
@@ -547,6 +581,144 @@ class FederatedEngine:
             w = np.ones(sizes.shape)
         return np.where(sizes > 0, w, 0.0)
 
+    def compile(self, population: Population, client_ids=None, *,
+                state: ServerState | None = None, cohort_size: int = 100) -> float:
+        """Compiles every program a round over clients `client_ids` (default: the whole
+        population) can run: one chunk of every (step bucket, tail width) shape their sizes
+        produce, run through the round's own code on padding clients, and the server update.
+        A later round compiles nothing. Returns the seconds spent.
+
+        state: a server state to compile for (default: zeros shaped like `init`'s or `place`'s
+        last state; nothing is donated). cohort_size: with an automatic layout not chosen yet,
+        it is chosen for cohorts of this many of `client_ids` (the probe's time is included).
+        """
+        t0 = time.perf_counter()
+        ids = (np.arange(population.num_clients) if client_ids is None
+               else np.asarray(client_ids, dtype=np.int64))
+        if "source" not in self.layout:  # auto layout: probe on a cohort-sized sample
+            sample = np.random.default_rng(0).permutation(ids)[:cohort_size]
+            self._choose_layout(population, sample)
+        shapes = packing_lib.chunk_shapes(population.sizes(ids), self.packing)
+        state = self._zeros_state() if state is None else state
+        k = self.packing.clients_per_call
+        chunks = [packing_lib.ChunkPlan(steps=steps, tail=tail, client_ids=np.full(k, -1),
+                                        num_examples=np.zeros(k, np.int64), weights=np.zeros(k))
+                  for steps, tail in shapes]
+        key = np.zeros(2, np.uint32)
+        accum, outputs = self._run_chunks(state, population, chunks, key, seed=0, round_index=0,
+                                          local_store=None, idle_weight=0.0)
+        # server_update donates its state: give it a copy (through the host: no copy program).
+        copy = jax.tree.map(lambda x: jax.device_put(np.asarray(x), x.sharding), state)
+        out = server_update(copy, accum, spec=self.server_spec)
+        jax.block_until_ready((out, outputs))
+        return time.perf_counter() - t0
+
+    def _choose_layout(self, population, ids):
+        """Resolves layout='auto' once: sets clients_per_call and vmap_width, fills
+        `self.layout` (candidates' estimated seconds per round, probe seconds)."""
+        if "source" in self.layout:
+            return
+        t0 = time.perf_counter()
+        devices = self.mesh.devices.size
+        per_device = max(-(-len(ids) // devices), 1)
+        state = self._zeros_state()
+        base = dataclasses.replace(self.packing, clients_per_call=devices)
+        one = plan_cohort(ids, population.sizes(ids), base)
+        # The probe chunk: the cohort's most common chunk shape.
+        shapes = [(c.steps, c.tail) for c in one.chunks]
+        probe_shape = max(set(shapes), key=shapes.count)
+        probe_ids = np.concatenate([c.client_ids for c in one.chunks
+                                    if (c.steps, c.tail) == probe_shape])
+        platform = jax.default_backend()
+        unroll = self.spec.backend.step_unroll
+        if platform == "cpu":
+            has_conv = self._has_convolution(population, state, one.chunks[shapes.index(
+                probe_shape)])
+            # Convolutions: unrolled, one client per call. Other models: rolled step loops,
+            # which compile 3-4x faster than unrolled ones (tiny MLP, 10 steps: 25 vs 103 s on
+            # the loaded 2-core machine) at the same speed for 1 client per call.
+            candidates = [(1, 1)] if has_conv else [(16, 16), (4, 1), (1, 1)]
+            unroll = True if has_conv else 1
+            source = "cost model (convolutions on CPU)" if has_conv else "probe"
+        else:
+            candidates, source = [(32, 32), (8, 8), (128, 128)], "probe"
+        capped = [(min(k, per_device), min(v, per_device)) for k, v in candidates]
+        candidates = sorted(set(capped), key=capped.index)
+        # The first two candidates are always timed, more only within a few seconds.
+        estimates, budget = {}, 5.0
+        bsz = self.packing.batch_size
+
+        def cost(c):  # example slots a chunk computes per client and epoch
+            return c.steps * bsz + c.tail
+
+        for i, (k, v) in enumerate(candidates if len(candidates) > 1 else []):
+            if i >= 2 and time.perf_counter() - t0 > budget:
+                break
+            self._set_layout(k * devices, v, unroll)
+            part = probe_ids[probe_ids >= 0][:k * devices]
+            pad = k * devices - len(part)
+            chunk = packing_lib.ChunkPlan(
+                steps=probe_shape[0], tail=probe_shape[1],
+                client_ids=np.concatenate([part, np.full(pad, -1)]),
+                num_examples=np.concatenate([population.sizes(part), np.zeros(pad, np.int64)]),
+                weights=np.concatenate([np.ones(len(part)), np.zeros(pad)]))
+            per_chunk = self._time_chunk(population, state, chunk)
+            plan = plan_cohort(ids, population.sizes(ids), self.packing)
+            estimates[f"{k * devices}x{v}"] = per_chunk * sum(
+                cost(c) for c in plan.chunks) / cost(chunk)
+        best = min(estimates, key=estimates.get) if estimates else None
+        k, v = (tuple(int(x) for x in best.split("x")) if best else
+                (candidates[0][0] * devices, candidates[0][1]))
+        if jax.process_count() > 1:  # every process must run the same layout
+            from jax.experimental import multihost_utils
+            k, v = (int(x) for x in multihost_utils.broadcast_one_to_all(np.array([k, v])))
+        self._set_layout(k, v, unroll)
+        self.layout.update(source=source, estimated_s_per_round=estimates,
+                           probe_s=time.perf_counter() - t0)
+
+    def _set_layout(self, clients_per_call, vmap_width, unroll):
+        self.packing = dataclasses.replace(self.packing, clients_per_call=clients_per_call)
+        backend = dataclasses.replace(self.spec.backend, vmap_width=vmap_width,
+                                      step_unroll=unroll, group_unroll=unroll)
+        self.spec = dataclasses.replace(self.spec, backend=backend)
+        self.layout.update(clients_per_call=clients_per_call, vmap_width=vmap_width,
+                           unroll=unroll)
+
+    def _time_chunk(self, population, state, chunk) -> float:
+        """Seconds per call of `chunk` in the current layout (compiled first; best of 2 x 3)."""
+        key = np.zeros(2, np.uint32)
+
+        def run(n):
+            t0 = time.perf_counter()
+            accum, outs = self._run_chunks(state, population, [chunk] * n, key, seed=0,
+                                           round_index=0, local_store=None, idle_weight=0.0)
+            jax.block_until_ready((accum, outs))
+            return (time.perf_counter() - t0) / n
+
+        run(1)
+        return min(run(3), run(3))
+
+    def _has_convolution(self, population, state, chunk_plan) -> bool:
+        """Whether one client's update (traced, not compiled) contains a convolution."""
+        packed = materialize_chunk(population, chunk_plan, self.packing)
+        c = {"data": packed.data, "mask": packed.mask, "client_ids": packed.client_ids[:1],
+             "num_examples": packed.num_examples[:1], "weight": np.ones(1, np.float32)}
+        if packed.tail_mask is not None:
+            c.update(tail_data=packed.tail_data, tail_mask=packed.tail_mask)
+        c = jax.tree.map(lambda x: x[0], c)
+        labels = partial.label_tree(state.variables, self.spec.param_filter)
+        local = partial.select(state.variables, labels, partial.LOCAL)
+        jaxpr = jax.make_jaxpr(functools.partial(_client_update, self.spec))(
+            state.variables, local, c, jnp.zeros(2, jnp.uint32))
+        return "conv_general_dilated" in str(jaxpr)
+
+    def _zeros_state(self) -> ServerState:
+        like = getattr(self, "_state_like", None)
+        if like is None:
+            raise ValueError("call engine.init() or place() first: compile() and the automatic "
+                             "layout's first plan() run on a state of that shape")
+        return jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype), s.sharding), like)
+
     def run_round(self, state: ServerState, population: Population, plan: CohortPlan,
                   key: jax.Array, *, seed: int = 0, local_store=None):
         """Runs one round; `state` is donated. Returns (new state, RoundResult).
@@ -557,46 +729,22 @@ class FederatedEngine:
         """
         if not plan.chunks:
             raise ValueError("empty cohort: the plan has no chunk to compute")
+        k = self.packing.clients_per_call
+        if len(plan.chunks[0].client_ids) != k:
+            raise ValueError(f"the plan has chunks of {len(plan.chunks[0].client_ids)} clients, "
+                             f"this engine runs {k} per call: plan with engine.plan()")
         if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
             key = jax.random.key_data(key)
-        round_index = int(mesh_lib.to_host(state.round))
-        labels = partial.label_tree(state.variables, self.spec.param_filter)
-        has_local = bool(jax.tree.leaves(partial.select(state.variables, labels, partial.LOCAL)))
-        if has_local and local_store is None:
+        round_index = self._round_index(state)
+        if self._has_local(state) and local_store is None:
             raise ValueError("the parameter filter has LOCAL variables: pass a local_store")
-        fed = partial.select(state.variables, labels, partial.FEDERATED)
-        devices = self.mesh.devices.size
-        mine = mesh_lib.process_rows(self.mesh, devices)
-        rows_here = mine.stop - mine.start
-        weight0 = np.zeros(rows_here, np.float32)
-        if mine.start == 0:  # clients that train nothing: weight, no delta (drop_remainder)
-            weight0[0] = plan.idle_weight
-        accum = mesh_lib.shard_clients(Accumulator(
-            jax.tree.map(lambda x: np.zeros((rows_here,) + x.shape, np.float32), fed),
-            weight0, np.zeros(rows_here, np.int32)), self.mesh, devices)
-        key = mesh_lib.replicate(np.asarray(key), self.mesh)
-        k = self.packing.clients_per_call
-        rows = mesh_lib.process_rows(self.mesh, k)
-        outputs = []
-        for chunk_plan in plan.chunks:
-            packed = materialize_chunk(population, chunk_plan, self.packing, seed=seed,
-                                       round_index=round_index, rows=rows)
-            local = local_store.gather(packed.client_ids) if has_local else {}
-            chunk = {"data": packed.data, "mask": packed.mask,
-                     "client_ids": packed.client_ids.astype(np.int32),
-                     "num_examples": packed.num_examples.astype(np.int32),
-                     "weight": _chunk_weights(chunk_plan, rows)}
-            if packed.tail_mask is not None:
-                chunk.update(tail_data=packed.tail_data, tail_mask=packed.tail_mask)
-            if self.spec.backend.steps_per_call:
-                accum, out = self._segmented_chunk(accum, state, packed, chunk, local, key)
-            else:
-                chunk, local = mesh_lib.shard_clients((chunk, local), self.mesh, k)
-                accum, out = client_chunk(accum, state, chunk, local, key, spec=self.spec)
-            outputs.append(out)
+        accum, outputs = self._run_chunks(
+            state, population, plan.chunks, key, seed=seed, round_index=round_index,
+            local_store=local_store, idle_weight=plan.idle_weight)
         state, ok = server_update(state, accum, spec=self.server_spec)
-        result = self._report(plan, outputs, bool(mesh_lib.to_host(ok)))
-        if has_local and result.ok:
+        result = self._report(plan, outputs, ok)
+        self._known_round = (state.round, round_index + int(result.ok))
+        if local_store is not None and result.ok and self._has_local(state):
             self._store_local(local_store, plan, outputs, result)
         if not result.ok:
             if result.nonfinite_client_ids:
@@ -604,23 +752,101 @@ class FederatedEngine:
             raise ValueError("round failed: the total client weight is zero")
         return state, result
 
-    def _segmented_chunk(self, accum, state, packed, chunk, local, key):
-        """One chunk as client_begin, client_steps per segment of steps, client_end."""
+    def _round_index(self, state) -> int:
+        """The state's round on the host; no device sync when `state` is the last round's."""
+        known = getattr(self, "_known_round", None)
+        if known is not None and known[0] is state.round:
+            return known[1]
+        return int(mesh_lib.to_host(state.round))
+
+    def _has_local(self, state) -> bool:
+        labels = partial.label_tree(state.variables, self.spec.param_filter)
+        return bool(jax.tree.leaves(partial.select(state.variables, labels, partial.LOCAL)))
+
+    def _run_chunks(self, state, population, chunks, key, *, seed, round_index, local_store,
+                    idle_weight):
+        """Dispatches every chunk of a round into a fresh accumulator (asynchronously).
+
+        Chunks are gathered on the host in batches of 1, 2, 4, ... chunks (multi-process: one
+        global-array transfer per batch) and dispatched without waiting: the device starts
+        after the first chunk, the host gathers the next while it computes. Returns
+        (accumulator, per-chunk outputs).
+        """
+        labels = partial.label_tree(state.variables, self.spec.param_filter)
+        fed = partial.select(state.variables, labels, partial.FEDERATED)
+        local_like = partial.select(state.variables, labels, partial.LOCAL)
+        devices = self.mesh.devices.size
+        mine = mesh_lib.process_rows(self.mesh, devices)
+        weight0 = np.zeros(mine.stop - mine.start, np.float32)
+        if mine.start == 0:  # clients that train nothing: weight, no delta (drop_remainder)
+            weight0[0] = idle_weight
+        accum = mesh_lib.shard_clients(Accumulator(
+            jax.tree.map(lambda x: np.zeros((len(weight0),) + x.shape, np.float32), fed),
+            weight0, np.zeros(len(weight0), np.int32)), self.mesh, devices)
+        key = mesh_lib.replicate(np.asarray(key), self.mesh)
         k = self.packing.clients_per_call
-        clients = {n: chunk[n] for n in CLIENT_FIELDS}
-        clients, local = mesh_lib.shard_clients((clients, local), self.mesh, k)
-        carry = client_begin(state, clients, local, key, spec=self.spec)
+        rows = mesh_lib.process_rows(self.mesh, k)
+
+        def local_of(ids):
+            if local_store is not None:
+                return local_store.gather(ids)
+            # No store (compile()): every client starts from the state's LOCAL leaves.
+            return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (len(ids),) + x.shape),
+                                local_like)
+
+        outputs, begin, size = [], 0, 1
+        while begin < len(chunks):
+            batch = chunks[begin:begin + size]
+            begin, size = begin + size, 2 * size
+            host = [self._host_chunk(population, c, local_of, seed=seed,
+                                     round_index=round_index, rows=rows) for c in batch]
+            if jax.process_count() > 1:  # global arrays from each process's rows
+                host = mesh_lib.shard_clients(host, self.mesh, k)
+            # One process: host arrays go to the jitted call as they are; its C++ dispatch puts
+            # them on the devices by the compiled input sharding (measured, tiny MLP, 100
+            # clients: 0.13 s CPU per round vs 0.25 s with a batched device_put per batch).
+            for chunk in host:
+                if self.spec.backend.steps_per_call:
+                    accum, out = self._segmented_chunk(accum, state, chunk, key)
+                else:
+                    accum, out = client_chunk(accum, state, chunk["chunk"], chunk["local"], key,
+                                              spec=self.spec)
+                outputs.append(out)
+        return accum, outputs
+
+    def _host_chunk(self, population, chunk_plan, local_of, *, seed, round_index, rows):
+        """One chunk's host arrays: {'chunk', 'local'} or, for segmented rounds, {'clients',
+        'segments', 'local'}."""
+        packed = materialize_chunk(population, chunk_plan, self.packing, seed=seed,
+                                   round_index=round_index, rows=rows)
+        clients = {"client_ids": packed.client_ids.astype(np.int32),
+                   "num_examples": packed.num_examples.astype(np.int32),
+                   "weight": _chunk_weights(chunk_plan, rows)}
+        local = local_of(packed.client_ids)
+        if self.spec.backend.steps_per_call:
+            return {"clients": clients, "local": local,
+                    "segments": list(segments(packed, self.spec.backend.steps_per_call))}
+        chunk = {"data": packed.data, "mask": packed.mask, **clients}
+        if packed.tail_mask is not None:
+            chunk.update(tail_data=packed.tail_data, tail_mask=packed.tail_mask)
+        return {"chunk": chunk, "local": local}
+
+    def _segmented_chunk(self, accum, state, chunk, key):
+        """One chunk as client_begin, client_steps per segment of steps, client_end."""
+        carry = client_begin(state, chunk["clients"], chunk["local"], key, spec=self.spec)
         metrics = None
-        for segment in segments(packed, self.spec.backend.steps_per_call):
-            segment = mesh_lib.shard_clients(segment, self.mesh, k)
+        for segment in chunk["segments"]:
             carry, m = client_steps(carry, segment, spec=self.spec)
             metrics = m if metrics is None else jax.tree.map(jnp.add, metrics, m)
-        return client_end(accum, state, carry, clients, metrics, spec=self.spec)
+        return client_end(accum, state, carry, chunk["clients"], metrics, spec=self.spec)
 
     def _report(self, plan, outputs, ok) -> RoundResult:
         ids = np.concatenate([c.client_ids for c in plan.chunks])
         n = np.concatenate([c.num_examples for c in plan.chunks])
-        metrics, finite = mesh_lib.to_host(([o[1] for o in outputs], [o[2] for o in outputs]))
+        # One device-to-host copy for the round's verdict and every chunk's metrics.
+        ok, metrics, finite = mesh_lib.to_host((ok, [o[1] for o in outputs],
+                                                [o[2] for o in outputs]))
+        ok = bool(ok)
         real = ids >= 0
         per_client = {name: np.concatenate([m[name] for m in metrics])[real]
                       for name in (metrics[0] if metrics else {})}
@@ -630,7 +856,7 @@ class FederatedEngine:
                            totals={k: float(v[finite].sum()) for k, v in per_client.items()},
                            nonfinite_client_ids=bad, padding_efficiency=plan.padding_efficiency,
                            client_updates=plan.client_updates,
-                           useful_examples=plan.useful_examples)
+                           useful_examples=plan.useful_examples, layout=dict(self.layout))
 
     def _store_local(self, store, plan, outputs, result):
         """Writes the trained LOCAL subtrees of this process's finite clients back."""
