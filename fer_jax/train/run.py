@@ -60,8 +60,11 @@ class Run:
         return population, summary
 
     def restore(self, state, *, place=None, unit: str = "step"):
-        """(state, start): the latest checkpoint (put on devices by `place`) or (state, 0)."""
+        """(state, start): the latest intact checkpoint (put on devices by `place`) or
+        (state, 0); metrics.jsonl is cut back to `start`."""
         state, start = self.checkpointer.restore_or(state)
+        # Records past the checkpoint were logged by a killed run; the resumed one logs them again.
+        self.writer.truncate_after(start)
         if start:
             state = place(state) if place is not None else state
             logging.info("resumed from the checkpoint of %s %d in %s", unit, start,
@@ -74,12 +77,8 @@ class Run:
 
     def nonfinite(self, what: str) -> FloatingPointError:
         """The error for a NaN/inf by `what`, naming the checkpoint a rerun resumes from."""
-        last = self.checkpointer.latest_step()
-        kept = (f"the last good checkpoint (step {last}) is kept in {self.checkpointer.directory}: "
-                "lower the learning rate or check the data, then rerun to resume from it"
-                if last is not None else
-                "no checkpoint was written yet: lower the learning rate or check the data")
-        return FloatingPointError(f"{what}; stopping. {kept}")
+        return FloatingPointError(f"{what}; stopping: lower the learning rate or check the "
+                                  f"data. {self.checkpointer.describe_last_good()}")
 
     def finish(self, results: dict, *, metric: str, value: float, chance: float | None = None,
                detail: str = "") -> dict:
