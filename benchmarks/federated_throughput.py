@@ -1,95 +1,166 @@
-"""Federated round throughput on this machine: fer_jax.federated vs a centralized jitted loop.
+"""FedAvg rounds on this machine: fer_jax.federated on its automatic defaults vs a plain loop.
 
-For cohorts of 10, 100 and 1,000 clients (small CNN and an MLP on 48x48x1 inputs, batch 16, one
-local epoch, client sizes uniform or log-normal, a lazily generated population of 100,000
-clients) it measures seconds per round (median of --repeats rounds after one warm-up round),
-compile time (a first round over one planned chunk of every chunk shape, so that no timed
-round compiles), client updates/s, useful examples/s, padding efficiency, peak RSS, and the
-ratio of useful examples/s to a centralized jitted training loop of the same model, batch size
-and examples (timed after each round, A B A B).
---devices (default 1,2) puts the 'clients' mesh axis over that many host devices (on a 2-core
-CPU, 2 devices = one client per core); the ratio is then also reported against a
-data-parallel centralized loop over the same devices (ratio_vs_central_dp).
---tails (default 4) compares tail batches (PackingConfig.tail_multiple, 0 = each epoch's last
-batch padded to 16 rows); --steps_per_call compares segmented rounds
-(RoundBackend.steps_per_call, 0 = all of a client's steps in one call); --backends compares
-sequential / chunked / vmap client layouts; --scaling compares peak RSS for populations of
-1,000 and 100,000 clients.
-Every configuration runs in its own subprocess so compile time and peak RSS are its own.
+The protocol (standard FedAvg): a lazily generated population of clients of 16-159 examples,
+cohorts of 10 / 100 / 1,000 clients, batch 16, one local epoch in stored order, client SGD 0.05,
+server learning rate 1, weights = client sizes. Three models: a tiny MLP 64-32-7 on 8x8x1
+inputs, an MLP 2304-128-7 and a 2-conv CNN on 48x48x1. In one process per (model, cohort),
+interleaved round after round (A B C A B C: the machine's speed drifts), it times
+  engine   `FederatedEngine(method, packing=PackingConfig(batch_size=16))`: no backend given, so
+           the engine picks its layout (RoundBackend.auto()); `engine.compile(population)` first;
+  plain    what a user writes by hand: per client a Python loop of one jitted SGD step (the
+           last batch padded and masked: one compiled shape), deltas summed on device;
+  central  the centralized floor: one jitted SGD step per batch of 16 over the cohort's examples;
+and reports client updates/s, useful examples/s, start-up (process start, imports included, to
+the end of the engine's first round), compile seconds, peak RSS and the ratios engine / plain
+and engine / central. Round 1 of engine and plain must agree (max |difference| reported).
+--layouts adds hand-set engine layouts (KxV: K clients per call, vmap width V) to compare with
+the automatic one; --devices N makes the host N JAX devices (one per core).
 
-  python benchmarks/federated_throughput.py                  # full table (long on 2 cores)
-  python benchmarks/federated_throughput.py --quick          # cohorts 10 and 100, 3 repeats
-Writes benchmarks/results/federated_throughput.json.
+  python benchmarks/federated_throughput.py                    # 3 models x 10/100/1000 clients
+  python benchmarks/federated_throughput.py --cohorts 10,100 --repeats 1 --layouts auto,1x1,16x16
+Writes benchmarks/results/federated_throughput_auto.json.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import pathlib
-import resource
-import subprocess
-import sys
 import time
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "federated_throughput.json"
-SIZES = {"uniform": dict(size_distribution="uniform", min_size=8, max_size=40),
-         "lognormal": dict(size_distribution="lognormal", min_size=2, max_size=64,
-                           median_size=16.0, sigma=0.6)}
-BATCH = 16
-# Client layouts (clients per call K, vmap width V, unrolls); "auto" is the measured CPU choice.
-BACKENDS = {
-    "sequential": dict(k=1, vmap=1, step_unroll=True, group_unroll=True),
-    "chunked": dict(k=4, vmap=1, step_unroll=True, group_unroll=True),
-    "chunked16": dict(k=16, vmap=1, step_unroll=True, group_unroll=True),
-    "vmap": dict(k=None, vmap=None, step_unroll=True, group_unroll=True),
-    "chunked_vmap": dict(k=16, vmap=16, step_unroll=True, group_unroll=True),
-}
-AUTO = {"cnn": "sequential", "mlp": "chunked"}
+T_START = time.perf_counter()  # before jax is imported: start-up includes the imports
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import resource  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "federated_throughput_auto.json"
+BATCH, LR = 16, 0.05
+SIZES = dict(size_distribution="uniform", min_size=16, max_size=159)
+MODELS = {"tiny": (8, 8, 1), "mlp": (48, 48, 1), "cnn": (48, 48, 1)}
 
 
 def build_model(name):
+    """(flax module, input shape) of a benchmark model; inputs are uint8 images."""
     import flax.linen as nn
     import jax.numpy as jnp
 
-    if name == "cnn":
-        from fer_jax.models import get_model
-
-        # The small CNN of configs/supervised.py with configs/fedavg.py's federated settings
-        # (no BatchNorm: padded client batches would enter its statistics).
-        cnn = get_model("small_cnn", num_classes=7, widths=(24, 48, 96, 192),
-                        convs_per_stage=(1, 2, 2, 1), dense=256, dropout=0.3, norm="none")
-
-        class ScaledCNN(nn.Module):
-            """uint8 images -> [0, 1] -> the small CNN (as fedavg's apply function does)."""
-
-            inner: nn.Module
-
-            def __call__(self, x, *, train):
-                return self.inner(x.astype(jnp.float32) / 255.0, train=train)
-
-        return ScaledCNN(cnn), "small_cnn 24-48-96-192, convs (1,2,2,1), dense 256, no norm"
-
     class MLP(nn.Module):
-        """2304-128-7 on images scaled to [0, 1]."""
+        hidden: int
 
         @nn.compact
         def __call__(self, x, *, train):
             del train
             x = x.reshape(x.shape[0], -1).astype(jnp.float32) / 255.0
-            return {"logits": nn.Dense(7)(nn.relu(nn.Dense(128)(x)))}
+            return {"logits": nn.Dense(7)(nn.relu(nn.Dense(self.hidden)(x)))}
 
+    class CNN(nn.Module):
+        """conv 3x3x16 - pool 2 - conv 3x3x32 - pool 2 - dense 7."""
+
+        @nn.compact
+        def __call__(self, x, *, train):
+            del train
+            x = x.astype(jnp.float32) / 255.0
+            for width in (16, 32):
+                x = nn.max_pool(nn.relu(nn.Conv(width, (3, 3))(x)), (2, 2), strides=(2, 2))
+            return {"logits": nn.Dense(7)(x.reshape(x.shape[0], -1))}
+
+    if name == "tiny":
+        return MLP(32)
     if name == "mlp":
-        return MLP(), "MLP 2304-128-7"
-    raise ValueError(f"unknown model {name!r}")
+        return MLP(128)
+    if name == "cnn":
+        return CNN()
+    raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
 
 
-def run_one(model_name, dist, cohort, backend_name, population_size, repeats, tail=0,
-            steps_per_call=0, devices=1):
-    """One configuration in this process; returns a dict of measurements.
+class PlainLoop:
+    """The hand-written baseline: per client, a jitted SGD step over its batches (the last one
+    padded to 16 rows and masked), then a jitted weighted delta sum; one server step per round."""
 
-    devices > 1: the 'clients' mesh axis spans that many host devices (jax_num_cpu_devices, as
-    `python -m fer_jax.main --cpu_devices`), each computing its share of every chunk."""
+    def __init__(self, loss_fn, variables):
+        import jax
+        import jax.numpy as jnp
+        import optax
+
+        opt = optax.sgd(LR)
+        key = jax.random.PRNGKey(0)
+
+        def step(params, batch, mask):
+            grads, _ = jax.grad(loss_fn, has_aux=True)(params, {}, batch, mask, key)
+            updates, _ = opt.update(grads, opt.init(params), params)
+            return optax.apply_updates(params, updates)
+
+        self._step = jax.jit(step)
+        self._add = jax.jit(lambda acc, p, server, w: jax.tree.map(
+            lambda a, x, s: a + w * (x - s), acc, p, server))
+        self._server = jax.jit(lambda server, acc, total: jax.tree.map(
+            lambda s, a: s + a / total, server, acc))
+        self.params = jax.tree.map(jnp.array, variables["params"])
+
+    def round(self, population, client_ids):
+        import jax
+        import numpy as np
+
+        server, acc, total = self.params, jax.tree.map(np.zeros_like, self.params), 0.0
+        for c in client_ids:
+            n = int(population.sizes(np.array([c]))[0])
+            steps = -(-n // BATCH)
+            index = np.arange(steps * BATCH)
+            data = population.gather(np.array([c]), np.where(index < n, index, -1)[None])
+            p = server
+            for j in range(steps):
+                rows = slice(j * BATCH, (j + 1) * BATCH)
+                p = self._step(p, {k: v[0, rows] for k, v in data.items()}, index[rows] < n)
+            acc, total = self._add(acc, p, server, float(n)), total + n
+        self.params = self._server(server, acc, total)
+        jax.block_until_ready(self.params)
+
+
+class Centralized:
+    """The floor: one jitted SGD step per batch of 16 over fixed examples (last partial batch
+    dropped), batches already on the device."""
+
+    def __init__(self, loss_fn, variables, images, labels):
+        import jax
+        import jax.numpy as jnp
+        import optax
+
+        opt = optax.sgd(LR)
+        key = jax.random.PRNGKey(0)
+
+        def step(params, batch):
+            grads, _ = jax.grad(loss_fn, has_aux=True)(params, {}, batch, jnp.ones(BATCH, bool),
+                                                        key)
+            updates, _ = opt.update(grads, opt.init(params), params)
+            return optax.apply_updates(params, updates)
+
+        self.examples = len(labels) // BATCH * BATCH
+        self._batches = [jax.device_put({"image": images[i:i + BATCH],
+                                         "label": labels[i:i + BATCH]})
+                         for i in range(0, self.examples, BATCH)]
+        self._step = jax.jit(step)
+        self.params = jax.block_until_ready(self._step(jax.tree.map(jnp.array,
+                                                                    variables["params"]),
+                                                       self._batches[0]))
+
+    def epoch(self) -> float:
+        import jax
+
+        t0 = time.perf_counter()
+        p = self.params
+        for batch in self._batches:
+            p = self._step(p, batch)
+        self.params = jax.block_until_ready(p)
+        return time.perf_counter() - t0
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_one(model_name, cohort, layouts, repeats, population_size, devices):
+    """One (model, cohort) in this process; returns a dict of measurements."""
     import jax
 
     if devices > 1:
@@ -100,272 +171,142 @@ def run_one(model_name, dist, cohort, backend_name, population_size, repeats, ta
 
     from fer_jax import federated as fl
 
-    model, model_desc = build_model(model_name)
-    population = fl.SyntheticPopulation(population_size, seed=0, **SIZES[dist])
-    b = BACKENDS[backend_name]
-    k = (b["k"] or cohort) * devices
-    vmap = b["vmap"] or cohort
+    t_import = time.perf_counter() - T_START
+    model = build_model(model_name)
+    shape = MODELS[model_name]
+    population = fl.SyntheticPopulation(population_size, image_shape=shape, seed=0, **SIZES)
     loss_fn = fl.classifier_loss(model.apply)
-    method = fl.SupervisedClient(loss_fn, optax.sgd(0.05))
-    max_steps = -(-SIZES[dist]["max_size"] // BATCH)
-    engine = fl.FederatedEngine(
-        method, packing=fl.PackingConfig(batch_size=BATCH, step_buckets=tuple(
-            range(1, max_steps + 1)), clients_per_call=k, tail_multiple=tail),
-        backend=fl.RoundBackend(vmap_width=vmap, step_unroll=b["step_unroll"],
-                                group_unroll=b["group_unroll"], steps_per_call=steps_per_call),
-        mesh=fl.clients_mesh(jax.devices()[:devices]))
-    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 48, 48, 1), jnp.uint8),
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + shape, jnp.uint8),
                            train=False)
-    state = engine.init(variables)
     sampler = fl.CohortSampler(population_size, cohort)
     key = jax.random.PRNGKey(0)
-    # Compile round: one chunk of every chunk shape (step bucket x tail width) among the first
-    # 5,000 clients' chunks, as planned (re-planning those clients would regroup them), so that
-    # no timed round compiles a shape its cohort happens to meet first.
-    probe = np.arange(min(population_size, 5000))
-    shapes = {}
-    for chunk in engine.plan(population, probe).chunks:
-        shapes.setdefault((chunk.steps, chunk.tail), chunk)
-    chunks = tuple(shapes.values())
-    ids = np.concatenate([c.client_ids for c in chunks])
-    sizes = np.concatenate([c.num_examples for c in chunks])
-    compile_plan = fl.packing.CohortPlan(chunks, ids[ids >= 0], sizes[ids >= 0], BATCH, 1)
-    t0 = time.perf_counter()
-    state, _ = engine.run_round(state, population, compile_plan, key)
-    jax.block_until_ready(state)
-    compile_s = time.perf_counter() - t0
-    # Centralized baselines, timed in turn with the rounds (A B A B: the VM's speed drifts): the
-    # warm-up cohort's examples in batches of 16, one jitted step each; with devices > 1 also a
-    # data-parallel loop (each device 16 / devices of every batch, gradients averaged).
-    images, labels = cohort_examples(population, sampler.sample(0, 0))
-    central = Centralized(loss_fn, variables, images, labels, key)
-    central_dp = (Centralized(loss_fn, variables, images, labels, key, devices=devices)
-                  if devices > 1 else None)
-    times, effs, updates, useful, c_times, dp_times = [], [], [], [], [], []
-    for r in range(repeats + 1):
-        plan = engine.plan(population, sampler.sample(0, r))
+    mesh = fl.clients_mesh(jax.devices()[:devices])
+
+    def engine_for(layout):
+        # One method object per engine: engines then share no compiled program.
+        method = fl.SupervisedClient(loss_fn, optax.sgd(LR))
+        packing = fl.PackingConfig(batch_size=BATCH, shuffle=False)
+        if layout == "auto":
+            return fl.FederatedEngine(method, packing=packing, mesh=mesh)
+        k, v = (int(x) for x in layout.split("x"))
+        return fl.FederatedEngine(
+            method, packing=fl.PackingConfig(batch_size=BATCH, shuffle=False,
+                                             clients_per_call=k * devices),
+            backend=fl.RoundBackend(vmap_width=v), mesh=mesh)
+
+    arms = {}
+    for layout in layouts:
+        engine = engine_for(layout)
+        state = engine.init(variables)
         t0 = time.perf_counter()
+        compile_s = engine.compile(population, cohort_size=cohort)
+        plan = engine.plan(population, sampler.sample(0, 0))
         state, result = engine.run_round(state, population, plan, key)
         jax.block_until_ready(state)
-        times.append(time.perf_counter() - t0)
-        effs.append(result.padding_efficiency)
-        updates.append(result.client_updates)
-        useful.append(result.useful_examples)
-        if r:
-            c_times.append(central.epoch())
-            if central_dp is not None:
-                dp_times.append(central_dp.epoch())
-    med = float(np.median(times[1:]))
-    fed_rate = float(np.mean(useful[1:])) / med
-    central_rate = central.examples / float(np.median(c_times))
-    dp = {}
-    if central_dp is not None:
-        dp_rate = central_dp.examples / float(np.median(dp_times))
-        dp = {"central_dp_examples_per_s": dp_rate, "ratio_vs_central_dp": fed_rate / dp_rate}
-    return {
-        "model": model_name, "model_desc": model_desc, "sizes": dist, "cohort": cohort,
-        "backend": backend_name, "clients_per_call": k, "vmap_width": vmap, "tail_multiple": tail,
-        "steps_per_call": steps_per_call, "devices": devices,
-        "population": population_size, "rounds_timed": repeats,
-        "s_per_round": med, "round_times": times, "compile_s": compile_s,
-        "compiled_shapes": len(shapes),
-        "client_updates_per_s": float(np.mean(updates[1:])) / med,
-        "useful_examples_per_s": fed_rate, "padding_efficiency": float(np.mean(effs[1:])),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "central_examples_per_s": central_rate, "ratio_vs_central": fed_rate / central_rate,
-        "central_times": c_times, **dp,
-    }
-
-
-def cohort_examples(population, client_ids):
-    """(images, labels) of all examples of the clients `client_ids`, client after client."""
-    import numpy as np
-
-    ids = np.asarray(client_ids)
-    sizes = population.sizes(ids)
-    index = np.where(np.arange(sizes.max())[None] < sizes[:, None], np.arange(sizes.max()), -1)
-    data = population.gather(ids, index)
-    valid = index >= 0
-    return data["image"][valid], data["label"][valid]
-
-
-class Centralized:
-    """A centralized jitted SGD loop over (images, labels) in batches of `batch` (a partial
-    last batch is dropped).
-
-    devices > 1: data parallel over that many devices (shard_map; each takes batch / devices
-    rows of every batch, gradients pmean'ed: the same update as one device's batch).
-    """
-
-    def __init__(self, loss_fn, variables, images, labels, key, *, batch=BATCH, devices=1):
-        import jax
-        import jax.numpy as jnp
-        import numpy as np
-        import optax
-        from jax.sharding import Mesh, NamedSharding
-        from jax.sharding import PartitionSpec as P
-
-        self.examples = n = len(labels) // batch * batch
-        opt = optax.sgd(0.05)
-        # Copies: the step donates its carry, the caller's variables must survive.
-        params = jax.tree.map(jnp.array, variables["params"])
-        model_state = jax.tree.map(jnp.array, {k: v for k, v in variables.items()
-                                               if k != "params"})
-        per = batch // devices
-
-        def step(carry, batch, dkey):
-            params, model_state, opt_state = carry
-            if devices > 1:
-                dkey = jax.random.fold_in(dkey, jax.lax.axis_index("batch"))
-            (_, (model_state, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                params, model_state, batch, jnp.ones(per, bool), dkey)
-            if devices > 1:
-                grads = jax.lax.pmean(grads, "batch")
-            upd, opt_state = opt.update(grads, opt_state, params)
-            return optax.apply_updates(params, upd), model_state, opt_state
-
-        batches = [{"image": images[i:i + batch], "label": labels[i:i + batch]}
-                   for i in range(0, n, batch)]
-        carry = (params, model_state, opt.init(params))
-        if devices > 1:
-            mesh = Mesh(np.asarray(jax.devices()[:devices]), ("batch",))
-            step = jax.shard_map(step, mesh=mesh, in_specs=(P(), P("batch"), P()),
-                                 out_specs=P(), check_vma=False)
-            rows = NamedSharding(mesh, P("batch"))
-            batches = [jax.device_put(b, rows) for b in batches]
-            carry = jax.device_put(carry, NamedSharding(mesh, P()))
-        self._step = jax.jit(step, donate_argnums=0)
-        self._batches, self._key = batches, key
-        self._carry = self._step(carry, batches[0], key)  # compile
-        jax.block_until_ready(self._carry)
-
-    def epoch(self) -> float:
-        """Seconds for one pass over the examples."""
-        import jax
-
+        arms[layout] = {"engine": engine, "state": state, "compile_s": compile_s,
+                        "first_round_s": time.perf_counter() - t0 - compile_s,
+                        "startup_s": time.perf_counter() - T_START, "times": [],
+                        "layout": result.layout, "rss_mb": rss_mb()}
+    plain = PlainLoop(loss_fn, variables)
+    t0 = time.perf_counter()
+    plain.round(population, sampler.sample(0, 0))
+    plain_first = time.perf_counter() - t0
+    first = arms[layouts[0]]["state"].variables["params"]
+    diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(
+        jax.tree.leaves(first), jax.tree.leaves(plain.params), strict=True))
+    ids = sampler.sample(0, 0)
+    index = np.arange(population.sizes(ids).max())
+    data = population.gather(ids, np.where(index < population.sizes(ids)[:, None], index, -1))
+    valid = np.arange(data["label"].shape[1]) < population.sizes(ids)[:, None]
+    central = Centralized(loss_fn, variables, data["image"][valid], data["label"][valid])
+    useful, plain_times, central_times = [], [], []
+    for r in range(1, repeats + 1):
+        ids = sampler.sample(0, r)
+        useful.append(int(population.sizes(ids).sum()))
+        for arm in arms.values():
+            t0 = time.perf_counter()
+            arm["state"], _ = arm["engine"].run_round(
+                arm["state"], population, arm["engine"].plan(population, ids), key)
+            jax.block_until_ready(arm["state"])
+            arm["times"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        carry = self._carry
-        for i, batch in enumerate(self._batches):
-            carry = self._step(carry, batch, jax.random.fold_in(self._key, i))
-        jax.block_until_ready(carry)
-        self._carry = carry
-        return time.perf_counter() - t0
+        plain.round(population, ids)
+        plain_times.append(time.perf_counter() - t0)
+        central_times.append(central.epoch())
+    ex = float(np.mean(useful))
+    plain_s = float(np.median(plain_times))
+    central_rate = central.examples / float(np.median(central_times))
+    out = {"model": model_name, "cohort": cohort, "devices": devices, "repeats": repeats,
+           "population": population_size, "import_s": t_import,
+           "plain": {"s_per_round": plain_s, "client_updates_per_s": cohort / plain_s,
+                     "useful_examples_per_s": ex / plain_s, "first_round_s": plain_first,
+                     "times": plain_times},
+           "central": {"examples_per_s": central_rate, "times": central_times},
+           "round1_max_abs_diff_engine_vs_plain": diff, "peak_rss_mb": rss_mb(), "engine": {}}
+    for layout, arm in arms.items():
+        s = float(np.median(arm["times"]))
+        out["engine"][layout] = {
+            "s_per_round": s, "client_updates_per_s": cohort / s,
+            "useful_examples_per_s": ex / s, "compile_s": arm["compile_s"],
+            "first_round_s": arm["first_round_s"], "startup_s": arm["startup_s"],
+            "rss_mb_after_round1": arm["rss_mb"], "layout": arm["layout"], "times": arm["times"],
+            "ratio_vs_plain": plain_s / s, "ratio_vs_central": ex / s / central_rate}
+    return out
 
 
-def batch_curve(model_name, batches=(4, 8, 12, 16), steps=60):
-    """Examples/s of the centralized train step at each batch size (what a tail step costs)."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from fer_jax import federated as fl
-
-    model, _ = build_model(model_name)
-    loss_fn = fl.classifier_loss(model.apply)
-    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 48, 48, 1), jnp.uint8),
-                           train=False)
-    rng = np.random.default_rng(0)
-    out = {}
-    for b in batches:
-        images = rng.integers(0, 256, (b * steps, 48, 48, 1), dtype=np.uint8)
-        labels = rng.integers(0, 7, b * steps).astype(np.int32)
-        loop = Centralized(loss_fn, variables, images, labels, jax.random.PRNGKey(0), batch=b)
-        out[b] = loop.examples / loop.epoch()
-    return {"model": model_name, "examples_per_s_by_batch": out}
-
-
-def spawn(args_list):
-    out = subprocess.run([sys.executable, __file__, "--one", json.dumps(args_list)],
+def spawn(args):
+    out = subprocess.run([sys.executable, __file__, "--one", json.dumps(args)],
                          capture_output=True, text=True, check=False)
     if out.returncode:
         print(out.stderr[-3000:], file=sys.stderr)
-        return {"config": args_list, "error": out.stderr[-500:]}
+        return {"config": args, "error": out.stderr[-500:]}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def config_key(r):
-    """What identifies a configuration: model, sizes, cohort, backend, population, tail,
-    steps per call, devices."""
-    if "config" in r:  # a failed run
-        cfg = list(r["config"]) + [0, 0, 1][len(r["config"]) - 6:]
-        return cfg[:5] + cfg[6:9]
-    return [r.get("model"), r.get("sizes"), r.get("cohort"), r.get("backend"),
-            r.get("population"), r.get("tail_multiple", 0), r.get("steps_per_call", 0),
-            r.get("devices", 1)]
-
-
-def row(r):
+def rows(r):
     if "error" in r:
-        return f"{r['config']}: ERROR"
-    return (f"{r['model']:4s} {r['sizes']:9s} {r['cohort']:5d} {r['backend']:12s} "
-            f"{r['population']:7d} {r.get('tail_multiple', 0):4d} "
-            f"{r.get('steps_per_call', 0):3d} {r.get('devices', 1):3d} {r['s_per_round']:8.3f} "
-            f"{r['compile_s']:7.1f} "
-            f"{r['client_updates_per_s']:8.1f} {r['useful_examples_per_s']:8.0f} "
-            f"{r['padding_efficiency']:5.2f} {r['peak_rss_mb']:7.0f} "
-            f"{r['central_examples_per_s']:8.0f} {r['ratio_vs_central']:5.2f}"
-            + (f"  dp {r['central_dp_examples_per_s']:5.0f} {r['ratio_vs_central_dp']:5.2f}"
-               if "central_dp_examples_per_s" in r else ""))
+        return [f"{r['config']}: ERROR"]
+    lines = []
+    for layout, e in r["engine"].items():
+        chosen = e["layout"]
+        lines.append(
+            f"{r['model']:5s} {r['cohort']:5d} {layout:6s} "
+            f"{chosen['clients_per_call']:3d}x{chosen['vmap_width']:<3d} {e['s_per_round']:8.3f} "
+            f"{e['client_updates_per_s']:8.1f} {e['useful_examples_per_s']:9.0f} "
+            f"{e['startup_s']:7.1f} {e['compile_s']:7.1f} {r['peak_rss_mb']:6.0f} "
+            f"{r['plain']['s_per_round']:8.3f} {r['central']['examples_per_s']:9.0f} "
+            f"{e['ratio_vs_plain']:5.2f} {e['ratio_vs_central']:5.2f} "
+            f"{r['round1_max_abs_diff_engine_vs_plain']:.1e}")
+    return lines
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--one", help=argparse.SUPPRESS)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--models", default="cnn,mlp")
-    ap.add_argument("--dists", default="uniform,lognormal")
+    ap.add_argument("--models", default="tiny,mlp,cnn")
     ap.add_argument("--cohorts", default="10,100,1000")
+    ap.add_argument("--repeats", type=int, default=3, help="timed rounds after round 1")
+    ap.add_argument("--layouts", default="auto",
+                    help="engine layouts: auto and/or KxV (clients per call and device x vmap)")
     ap.add_argument("--population", type=int, default=100_000)
-    ap.add_argument("--tails", default="4",
-                    help="PackingConfig.tail_multiple values to compare (0 = full last batches)")
-    ap.add_argument("--steps_per_call", default="0",
-                    help="RoundBackend.steps_per_call values to compare (0 = one call per chunk)")
-    ap.add_argument("--devices", default="1,2",
-                    help="host devices on the 'clients' mesh axis to compare (1 = one device)")
-    ap.add_argument("--backends", action="store_true", help="compare client layouts at C=32")
-    ap.add_argument("--scaling", action="store_true", help="peak RSS vs population size")
-    ap.add_argument("--batch_curve", action="store_true",
-                    help="centralized examples/s at batch 4, 8, 12, 16 (first of --models)")
-    ap.add_argument("--no-main", action="store_true", help="skip the main table")
+    ap.add_argument("--devices", type=int, default=1, help="host JAX devices (one per core)")
+    ap.add_argument("--note", default="", help="stored with the results (e.g. machine load)")
     args = ap.parse_args()
     if args.one:
         print(json.dumps(run_one(*json.loads(args.one))))
         return
-    if args.batch_curve:
-        curve = batch_curve(args.models.split(",")[0])
-        print(json.dumps(curve))
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": []}
-        RESULTS.write_text(json.dumps(previous | {"batch_curve": curve}, indent=1))
-        return
-    cohorts = [10, 100] if args.quick else [int(c) for c in args.cohorts.split(",")]
-    repeats = 3 if args.quick else args.repeats
-    configs = []
-    if not args.no_main:
-        configs += [[m, d, c, AUTO[m], args.population, repeats, int(t), int(L), int(n)]
-                    for m in args.models.split(",") for d in args.dists.split(",")
-                    for c in cohorts for t in args.tails.split(",")
-                    for L in args.steps_per_call.split(",") for n in args.devices.split(",")]
-    if args.backends:
-        configs += [[m, "uniform", 32, b, args.population, repeats]
-                    for m in args.models.split(",") for b in BACKENDS]
-    if args.scaling:
-        configs += [["mlp", "uniform", 100, AUTO["mlp"], n, repeats] for n in (1_000, 100_000)]
-    print("model sizes     C     backend      populat tail spc dev  s/round compile upd/s    "
-          "ex/s     eff   RSS_MB  central  ratio", flush=True)
+    layouts = args.layouts.split(",")
+    print("model cohort layout chosen  s/round  upd/s   useful/s startup compile RSS_MB "
+          "plain_s  central/s  x_plain x_central diff", flush=True)
     results = []
-    previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": []}
-    for cfg in configs:
-        r = spawn(cfg)
-        results.append(r)
-        print(row(r), flush=True)
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        # Keep earlier runs of other configurations; replace same-configuration entries.
-        done = [config_key(q) for q in results]
-        keep = [p for p in previous["runs"] if config_key(p) not in done]
-        RESULTS.write_text(json.dumps({"machine": "2-core CPU VM (shared)", "batch": BATCH,
-                                       "runs": keep + results}, indent=1))
+    for m in args.models.split(","):
+        for c in (int(x) for x in args.cohorts.split(",")):
+            r = spawn([m, c, layouts, args.repeats, args.population, args.devices])
+            results.append(r)
+            print("\n".join(rows(r)), flush=True)
+            RESULTS.parent.mkdir(parents=True, exist_ok=True)
+            RESULTS.write_text(json.dumps({"note": args.note, "batch": BATCH, "lr": LR,
+                                           "sizes": SIZES, "runs": results}, indent=1))
 
 
 if __name__ == "__main__":
