@@ -127,17 +127,6 @@ def _enable_compilation_cache(jax) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)  # Default 1 s.
 
 
-def _initialize_distributed() -> None:
-    import jax
-
-    kwargs = {}
-    if "JAX_COORDINATOR_ADDRESS" in os.environ:
-        kwargs = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-                      num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-                      process_id=int(os.environ["JAX_PROCESS_ID"]))
-    jax.distributed.initialize(**kwargs)
-
-
 def _quiet_library_info_logs() -> None:
     """Drops INFO lines of orbax (a dozen per checkpoint) so the run's own log stays readable."""
     def keep(record) -> bool:
@@ -173,7 +162,9 @@ def main(argv) -> None:
     if _CPU_DEVICES.value:
         jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
     if _DISTRIBUTED.value:
-        _initialize_distributed()
+        from fer_jax.federated import mesh
+
+        mesh.initialize_distributed()
     _enable_compilation_cache(jax)
 
     logging.info("JAX %s: process %d of %d, %d local / %d global devices", jax.__version__,

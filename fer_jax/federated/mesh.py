@@ -10,6 +10,8 @@ global arrays with `jax.make_array_from_process_local_data`.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -27,9 +29,20 @@ def clients_mesh(devices=None) -> Mesh:
     return Mesh(np.asarray(devices), (CLIENTS,))
 
 
-def initialize_distributed(coordinator_address: str, num_processes: int, process_id: int,
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None,
                            *, cpu_collectives: str = "gloo") -> None:
-    """jax.distributed.initialize, with CPU collectives enabled (for CPU-only multi-process)."""
+    """jax.distributed.initialize, with CPU collectives enabled (for CPU-only multi-process).
+
+    The one path of `fer_jax.main --distributed` and the multi-process test. Arguments left
+    None come from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID when set, else
+    from JAX's own discovery (Cloud TPU, SLURM, ...).
+    """
+    env = os.environ
+    if coordinator_address is None and "JAX_COORDINATOR_ADDRESS" in env:
+        coordinator_address = env["JAX_COORDINATOR_ADDRESS"]
+        num_processes = int(env["JAX_NUM_PROCESSES"]) if num_processes is None else num_processes
+        process_id = int(env["JAX_PROCESS_ID"]) if process_id is None else process_id
     if jax.config.jax_platforms in (None, "", "cpu"):
         jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
     jax.distributed.initialize(coordinator_address=coordinator_address,
