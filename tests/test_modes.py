@@ -121,10 +121,10 @@ def test_fedaffect_same_first_step(make_config):
 
 
 def test_vfer_same_first_step():
-    from fer_jax import models
+    from fer_jax.models import vfer as vfer_models
     from fer_jax.steps import vfer as steps
 
-    head = models.VFERHead(3, dense=(5, 4), lstm=3)
+    head = vfer_models.VFERHead(3, dense=(5, 4), lstm=3)
     rng = np.random.default_rng(2)
     data = {"features": rng.normal(size=(5, 4, 6)).astype(np.float32),
             "frame_mask": np.ones((5, 4), bool),
