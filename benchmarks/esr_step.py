@@ -22,6 +22,7 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -33,11 +34,20 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "esr_step.json"
 
 
 def make_step(model, tx, weight: float, size: int, channels: int):
+    """The ESR client's jitted step (the method's one step) and its client."""
     loss_fn = functools.partial(steps.esr_loss, gamma=10.0, spatial_weight=weight,
                                 channel_weight=weight)
-    return jax.jit(functools.partial(steps.train_step, model=model, tx=tx, loss_fn=loss_fn,
-                                     augment=None, image_size=size, channels=channels),
-                   donate_argnums=0)
+    method = steps.client(model, tx, loss_fn, image_size=size, channels=channels, augment=None)
+    step = jax.jit(method.step, donate_argnums=0)
+    key = jax.random.PRNGKey(0)
+
+    def run(state, batch):
+        state, m = step(state, batch, jnp.ones(len(batch["label"]), bool), key)
+        count = m["count"]
+        return state, {"loss": m["loss_sum"] / count, "d_sp": m["d_sp_sum"] / count,
+                       "d_ch": m["d_ch_sum"] / count}
+
+    return run, method
 
 
 def main() -> None:
@@ -62,9 +72,13 @@ def main() -> None:
 
     variants = {"with_diversity": 1.0, "without_diversity": 0.0}
     fns, states, compile_s = {}, {}, {}
+    variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0),
+                                           jnp.zeros((1, size, size, channels)), train=False))()
     for name, w in variants.items():
-        fns[name] = make_step(model, tx, w, size, channels)
-        states[name] = steps.init_state(model, tx, seed=0, input_shape=(size, size, channels))
+        fns[name], method = make_step(model, tx, w, size, channels)
+        # Jitted: copies every leaf, so the two variants never donate one shared buffer.
+        states[name] = jax.jit(method.init, static_argnums=1)(
+            variables, (True,) * len(jax.tree.leaves(variables)), None)
         t0 = time.perf_counter()
         states[name], m = fns[name](states[name], batch)
         jax.block_until_ready(m["loss"])

@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from fer_jax import federated as fl
 from fer_jax import losses
 from fer_jax.experiments.diversity import active_branches, report
 from fer_jax.models.esr import ESR
@@ -127,14 +128,13 @@ def test_progressive_schedule_scales_and_branch_copy():
     assert active_branches(5, 12, 3, False) == 3
     assert steps.group_scales(3, 2, base=0.5, old_branches=0.2) == {
         "base": 0.5, "branch_0": 0.2, "branch_1": 1.0, "branch_2": 0.0}
-    state = steps.TrainState(step=jnp.zeros((), jnp.int32),
-                             params={"base": 1.0, "branch_0": 2.0, "branch_1": 3.0},
-                             batch_stats={"branch_0": 4.0, "branch_1": 5.0}, opt_state=(),
-                             rng=jax.random.PRNGKey(0))
-    new = steps.add_branch(state, 1)
-    assert new.params["branch_1"] == 2.0 and new.batch_stats["branch_1"] == 4.0
+    state = fl.SupervisedState(params={"base": 1.0, "branch_0": 2.0, "branch_1": 3.0},
+                               model_state={"batch_stats": {"branch_0": 4.0, "branch_1": 5.0}},
+                               opt_state=(), initial={})
+    new = steps.copy_branch(state, 1)
+    assert new.params["branch_1"] == 2.0 and new.model_state["batch_stats"]["branch_1"] == 4.0
     with pytest.raises(ValueError, match="index >= 1"):
-        steps.add_branch(state, 0)
+        steps.copy_branch(state, 0)
 
 
 S = 24  # Image size of the step tests: 'same' padding, base 24 -> 6, branch 6 -> 3.
@@ -146,8 +146,9 @@ def tiny_esr():
     model = ESR(8, num_branches=2, padding="same", width=0.125, norm="group")
     tx = optax.adamw(1e-3, weight_decay=1e-2)
     # Jitted: an eager init of a CBAM network dispatches hundreds of small ops.
-    state = jax.jit(lambda: steps.init_state(model, tx, seed=0, input_shape=(S, S, 1)))()
-    return model, tx, state
+    variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, S, S, 1)),
+                                           train=False))()
+    return model, tx, variables
 
 
 def _batch(n, seed=0):
@@ -157,27 +158,28 @@ def _batch(n, seed=0):
 
 
 def test_jitted_step_with_progressive_stage_freezes_inactive_branches(tiny_esr):
-    model, tx, state = tiny_esr
-    before = jax.tree.map(np.asarray, state.params)
+    model, tx, variables = tiny_esr
     loss_fn = functools.partial(steps.esr_loss, gamma=10.0)
-    step = jax.jit(functools.partial(
-        steps.train_step, model=model, tx=tx, loss_fn=loss_fn, augment=None, image_size=S,
-        channels=1, num_active=1, scales=steps.group_scales(2, 1)))
-    state, m = step(state, _batch(4))
+    method = steps.client(model, tx, loss_fn, image_size=S, channels=1, augment=None,
+                          num_active=1, scales=steps.group_scales(2, 1))
+    trainable = (True,) * len(jax.tree.leaves(variables))
+    state = method.init(variables, trainable, None)
+    state, m = jax.jit(method.step)(state, _batch(4), np.ones(4, bool), jax.random.PRNGKey(1))
+    before = jax.tree.map(np.asarray, variables["params"])
     after = jax.tree.map(np.asarray, state.params)
     # Branch 1 is inactive: untouched even by AdamW's weight decay; the others moved.
     jax.tree.map(np.testing.assert_array_equal, after["branch_1"], before["branch_1"])
     assert not np.allclose(after["branch_0"]["fc"]["kernel"], before["branch_0"]["fc"]["kernel"])
     assert not np.allclose(after["base"]["layer1"]["conv"]["kernel"],
                            before["base"]["layer1"]["conv"]["kernel"])
-    assert float(m["d_sp"]) == 0.0  # one active branch
-    assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))
+    assert float(m["d_sp_sum"]) == 0.0  # one active branch
+    assert float(m["count"]) == 4 and np.isfinite(float(m["loss_sum"]))
 
 
 def test_diversity_gradient_is_finite_and_reaches_the_convs_with_a_batch_of_one(tiny_esr):
     """d(D_sp + D_ch)/d params for a batch of ONE image: finite, nonzero on the convs and CBAM,
     exactly zero on the classifiers (they are not on the attention maps' path)."""
-    model, _, state = tiny_esr
+    model, _, variables = tiny_esr
     batch = _batch(1, seed=1)
 
     def parts(params):
@@ -187,7 +189,7 @@ def test_diversity_gradient_is_finite_and_reaches_the_convs_with_a_batch_of_one(
         return jnp.stack([p["ce"], p["d_sp"] + p["d_ch"]])
 
     # One compile: the values and the Jacobian rows of [CE, D_sp + D_ch].
-    values, jac = jax.jit(lambda p: (parts(p), jax.jacrev(parts)(p)))(state.params)
+    values, jac = jax.jit(lambda p: (parts(p), jax.jacrev(parts)(p)))(variables["params"])
     g_ce, g_div = jax.tree.map(lambda g: g[0], jac), jax.tree.map(lambda g: g[1], jac)
     assert 0.0 < float(values[1]) <= 2.0 and np.isfinite(float(values[0]))
     for g in (g_ce, g_div):
@@ -200,7 +202,7 @@ def test_diversity_gradient_is_finite_and_reaches_the_convs_with_a_batch_of_one(
 
 
 def test_federated_loss_masks_padding(tiny_esr):
-    model, _, state = tiny_esr  # GroupNorm: per example, as federated clients use.
+    model, _, variables = tiny_esr  # GroupNorm: per example, as federated clients use.
     loss_fn = steps.federated_loss(
         lambda v, images, **kw: model.apply(
             v, steps.preprocess(images, image_size=S, channels=1), **kw),
@@ -212,8 +214,8 @@ def test_federated_loss_masks_padding(tiny_esr):
     other["label"][3] = (other["label"][3] + 1) % 8
     other["image"][3] = 255 - other["image"][3]
     loss_fn = jax.jit(loss_fn)
-    a = loss_fn(state.params, {}, batch, mask, jax.random.PRNGKey(0))
-    b = loss_fn(state.params, {}, other, mask, jax.random.PRNGKey(0))
+    a = loss_fn(variables["params"], {}, batch, mask, jax.random.PRNGKey(0))
+    b = loss_fn(variables["params"], {}, other, mask, jax.random.PRNGKey(0))
     np.testing.assert_allclose(a[0], b[0], rtol=1e-5)
     np.testing.assert_allclose(a[1][1]["d_sp_sum"], b[1][1]["d_sp_sum"], rtol=1e-5)
     assert float(a[1][1]["d_sp_sum"]) > 0

@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from fer_jax import federated as fl
 from fer_jax import models
 from fer_jax.steps import supervised as steps
 from fer_jax.train import loops, optim
@@ -43,23 +44,26 @@ def test_pooled_order_visits_every_example_once_per_epoch():
         loops.PooledOrder(2, 3, seed=0)
 
 
-def test_train_step_fits_a_fixed_batch():
+def test_supervised_client_fits_a_fixed_batch():
+    """The supervised method (SupervisedClient over classifier_loss) on pooled data overfits
+    one batch: the loss falls and the batch is classified exactly."""
     model = models.get_model("small_cnn", num_classes=3, widths=(8, 16), dropout=0.0)
-    tx = optax.adam(3e-3)
-    state = steps.init_state(model, tx, seed=0, input_shape=(16, 16, 1))
+    variables = jax.jit(functools.partial(model.init, train=False))(
+        jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 1)))
+    apply = steps.image_apply(model, image_size=16, channels=1, augment=None)
+    method = fl.SupervisedClient(fl.classifier_loss(apply), optax.adam(3e-3))
     rng = np.random.default_rng(0)
     batch = {"image": rng.integers(0, 255, (12, 16, 16, 1), dtype=np.uint8),
              "label": np.arange(12, dtype=np.int32) % 3}
-    step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, augment=None,
-                                     image_size=16, channels=1, class_weights=None))
+    learner = loops.PooledLearner(method, variables, batch, 12, seed=0)
     losses = []
-    for _ in range(40):
-        state, m = step(state, batch)
-        losses.append(float(m["loss"]))
-    assert int(state.step) == 40
+    for step in range(40):
+        m = learner.step(step)
+        losses.append(float(m["loss_sum"] / m["count"]))
     assert losses[-1] < 0.3 * losses[0], losses[::10]
-    logits = steps.predict(state.params, state.batch_stats, batch["image"], model=model,
-                           image_size=16, channels=1)
+    trained = learner.variables()
+    logits = steps.predict(trained["params"], trained["batch_stats"], batch["image"],
+                           model=model, image_size=16, channels=1)
     assert float(jnp.mean(jnp.argmax(logits, -1) == batch["label"])) == 1.0
 
 

@@ -20,7 +20,6 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 
 from fer_jax import federated as fl
@@ -32,7 +31,7 @@ from fer_jax.federated import config as fed_config
 from fer_jax.models.esr import ESR
 from fer_jax.models.manet import MANet
 from fer_jax.steps import diversity as steps
-from fer_jax.steps.supervised import image_apply, preprocess
+from fer_jax.steps.supervised import preprocess
 from fer_jax.train import Run, checks, loops, optim
 
 DIVERSITY_MODELS = {"esr": ESR, "manet": MANet}
@@ -87,45 +86,14 @@ def active_branches(step: int, total_steps: int, num_branches: int, progressive:
     return min(num_branches, step * num_branches // max(total_steps, 1) + 1)
 
 
-def _scaled(tree, factor: float):
-    return jax.tree.map(lambda u: u * factor, tree)
-
-
-def scale_groups(scales: dict[str, float]) -> optax.GradientTransformation:
-    """Multiplies the updates of each top-level parameter group (stateless)."""
-
-    def update(updates, state, params=None):
-        del params
-        return {k: _scaled(v, scales.get(k, 1.0)) for k, v in updates.items()}, state
-
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
-
-
 def client(config, model, optimizer, *, num_active: int | None = None,
            scales: dict | None = None) -> fl.SupervisedClient:
     """The method: the diversity loss of the first `num_active` ESR branches (None = all)."""
-    apply = image_apply(model, image_size=config.data.image_size,
-                        channels=config.data.channels, augment=AugmentConfig(**config.augment))
-    if num_active is not None:
-        apply = functools.partial(apply, num_active=num_active)
-    loss = steps.federated_loss(apply, steps.make_loss(config.model.name, config.diversity))
-    if scales is not None:
-        optimizer = optax.chain(optimizer, scale_groups(scales))
-    return fl.SupervisedClient(loss, optimizer, prox_mu=config.fed.prox_mu
-                               if config.mode == "federated" else 0.0)
-
-
-def copy_branch(state: fl.SupervisedState, index: int) -> fl.SupervisedState:
-    """Branch `index` starts as a copy of branch `index - 1` (params and BN statistics)."""
-    src, dst = f"branch_{index - 1}", f"branch_{index}"
-    # Real copies: the jitted step donates the state, and one buffer cannot be donated twice.
-    params = {**state.params, dst: jax.tree.map(jnp.array, state.params[src])}
-    model_state = dict(state.model_state)
-    if src in model_state.get("batch_stats", {}):
-        model_state["batch_stats"] = {**model_state["batch_stats"],
-                                      dst: jax.tree.map(jnp.array,
-                                                        model_state["batch_stats"][src])}
-    return state.replace(params=params, model_state=model_state)
+    return steps.client(
+        model, optimizer, steps.make_loss(config.model.name, config.diversity),
+        image_size=config.data.image_size, channels=config.data.channels,
+        augment=AugmentConfig(**config.augment), num_active=num_active, scales=scales,
+        prox_mu=config.fed.prox_mu if config.mode == "federated" else 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,7 +187,8 @@ def run(config, workdir: str) -> dict:
             b = stage(step)
             logging.info("step %d: ESR stage %d of %d (branch %d added, %s init)", step, b,
                          model.num_branches, b, config.esr.new_branch_init)
-            return copy_branch(state, b - 1) if config.esr.new_branch_init == "copy" else state
+            return (steps.copy_branch(state, b - 1) if config.esr.new_branch_init == "copy"
+                    else state)
 
         variables = loops.centralized(
             run, stage_client(stage(0)), variables,

@@ -12,9 +12,9 @@ Heidari & Iosifidis, *Learning diversified feature representations for FER in th
 The paper's weights are all 1. With one learner (ESR-1, or the first stage of progressive
 training) there is no diversity term: det of a 1x1 similarity matrix is the constant 1.
 
-Module-level pure functions; model, optimizer and loss come in through `functools.partial`
-and the caller donates the state (as `fer_jax.steps.supervised`, whose TrainState, init_state
-and preprocess are reused here).
+The method is `client(...)`: a `SupervisedClient` over `federated_loss` (padded rows masked),
+optionally limited to the first b ESR branches with per-group update multipliers (progressive
+stages); the same client trains centralized (`fer_jax.train.loops`) and federated.
 """
 
 from __future__ import annotations
@@ -27,12 +27,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fer_jax import federated as fl
 from fer_jax import losses
-from fer_jax.data.augment import AugmentConfig, augment_batch
-from fer_jax.steps.supervised import TrainState, init_state, preprocess
+from fer_jax.data.augment import AugmentConfig
+from fer_jax.steps.supervised import image_apply, preprocess
 
-__all__ = ["TrainState", "add_branch", "esr_loss", "federated_loss", "group_scales",
-           "init_state", "make_loss", "manet_loss", "predict", "predicted_classes", "train_step"]
+__all__ = ["client", "copy_branch", "esr_loss", "federated_loss", "group_scales", "make_loss",
+           "manet_loss", "predict", "predicted_classes", "scale_groups"]
 
 LossFn = Callable[..., tuple[jax.Array, dict]]
 
@@ -134,62 +135,53 @@ def group_scales(num_branches: int, num_active: int, *, base: float = 1.0,
     return scales
 
 
-def add_branch(state: TrainState, index: int) -> TrainState:
-    """Initialises branch `index` as a copy of branch `index - 1` (params and BN statistics).
+def scale_groups(scales: Mapping[str, float]) -> optax.GradientTransformation:
+    """Multiplies the updates of each top-level parameter group (stateless, so the optimizer
+    state keeps its structure from one progressive stage to the next)."""
 
-    Used when progressive training activates a branch with ``new_branch_init='copy'``.
-    """
-    if index < 1:
-        raise ValueError(f"add_branch needs index >= 1 (a branch to copy), got {index}")
-    src, dst = f"branch_{index - 1}", f"branch_{index}"
-    # Real copies: the jitted step donates the state, and one buffer cannot be donated twice.
-    params = {**state.params, dst: jax.tree.map(jnp.array, state.params[src])}
-    stats = dict(state.batch_stats)
-    if src in stats:
-        stats[dst] = jax.tree.map(jnp.array, stats[src])
-    return state.replace(params=params, batch_stats=stats)
+    def update(updates, state, params=None):
+        del params
+        return {k: _scale(v, scales.get(k, 1.0)) for k, v in updates.items()}, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def _scale(tree, factor: float):
     return jax.tree.map(lambda u: u * factor, tree)
 
 
-def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn: LossFn,
-               augment: AugmentConfig | None, image_size: int, channels: int,
-               num_active: int | None = None, scales: Mapping[str, float] | None = None):
-    """One update on `batch` = {'image': uint8 (N,H,W,C), 'label': int (N,)}.
+def client(model, optimizer: optax.GradientTransformation, loss_fn: LossFn, *, image_size: int,
+           channels: int, augment: AugmentConfig | None, num_active: int | None = None,
+           scales: Mapping[str, float] | None = None,
+           prox_mu: float = 0.0) -> fl.SupervisedClient:
+    """The method: `loss_fn` of the model's output on uint8 images (preprocessed, augmented).
 
     `num_active` (ESR only) runs the first b branches; `scales` multiplies the optimizer's
     updates per top-level parameter group (progressive ESR stages, see `group_scales`).
     """
-    key = jax.random.fold_in(state.rng, state.step)
-    k_aug, k_dropout = jax.random.split(key)
-    images = preprocess(batch["image"], image_size=image_size, channels=channels)
-    if augment is not None:
-        images = augment_batch(k_aug, images, augment)
-    labels = batch["label"]
-    kwargs = {} if num_active is None else {"num_active": num_active}
-
-    def objective(params):
-        out, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, images,
-                                   train=True, mutable=["batch_stats"],
-                                   rngs={"dropout": k_dropout}, **kwargs)
-        loss, parts = loss_fn(out, labels)
-        # Branches that did not run keep their statistics.
-        stats = {**state.batch_stats, **updates.get("batch_stats", {})}
-        return loss, (predicted_classes(out), parts, stats)
-
-    (loss, (pred, parts, stats)), grads = jax.value_and_grad(objective, has_aux=True)(
-        state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    apply = image_apply(model, image_size=image_size, channels=channels, augment=augment)
+    if num_active is not None:
+        apply = functools.partial(apply, num_active=num_active)
     if scales is not None:
-        updates = {k: _scale(v, scales.get(k, 1.0)) for k, v in updates.items()}
-    params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "accuracy": jnp.mean(pred == labels),
-               "grad_norm": optax.global_norm(grads), **parts}
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=stats,
-                              opt_state=opt_state)
-    return new_state, metrics
+        optimizer = optax.chain(optimizer, scale_groups(scales))
+    return fl.SupervisedClient(federated_loss(apply, loss_fn), optimizer, prox_mu=prox_mu)
+
+
+def copy_branch(state: fl.SupervisedState, index: int) -> fl.SupervisedState:
+    """Branch `index` starts as a copy of branch `index - 1` (params and BN statistics).
+
+    Used when progressive training activates a branch with ``new_branch_init='copy'``.
+    """
+    if index < 1:
+        raise ValueError(f"copy_branch needs index >= 1 (a branch to copy), got {index}")
+    src, dst = f"branch_{index - 1}", f"branch_{index}"
+    # Real copies: the jitted step donates the state, and one buffer cannot be donated twice.
+    params = {**state.params, dst: jax.tree.map(jnp.array, state.params[src])}
+    model_state = dict(state.model_state)
+    stats = model_state.get("batch_stats", {})
+    if src in stats:
+        model_state["batch_stats"] = {**stats, dst: jax.tree.map(jnp.array, stats[src])}
+    return state.replace(params=params, model_state=model_state)
 
 
 def predict(params, batch_stats, images: jax.Array, *, model, image_size: int,
@@ -204,7 +196,7 @@ def federated_loss(apply_fn: Callable, loss_fn: LossFn) -> Callable:
     """The engine's `loss_fn(params, model_state, batch, mask, key)` for a diversity model.
 
     `apply_fn(variables, images, train=True, mutable=..., rngs=...)` takes uint8 images (see
-    `fer_jax.experiments.fedavg._apply_fn`). Padded examples are masked out of the CE and of
+    `fer_jax.steps.supervised.image_apply`). Padded examples are masked out of the CE and of
     the similarity averages; metric sums are loss_sum, correct, count and the diversities
     times count (so the engine's sums / count are means).
     """
