@@ -102,7 +102,10 @@ def fed_config(data: str = "synthetic", *, keep: tuple[str, ...] = (),
     fed.client_momentum = 0.0
     fed.local_epochs = 1
     fed.batch_size = 16
-    fed.weighting = "num_examples"  # num_examples | uniform
+    # Client weight: num_examples (examples trained) | client_size (fedjax's default, with
+    # drop_remainder) | uniform.
+    fed.weighting = "num_examples"
+    fed.drop_remainder = False  # True: floor(n / batch_size) steps, the partial batch dropped
     fed.prox_mu = 0.0  # > 0: FedProx
     fed.clients_per_call = 1
     fed.tail_multiple = 4
@@ -110,6 +113,9 @@ def fed_config(data: str = "synthetic", *, keep: tuple[str, ...] = (),
     fed.unroll = True
     fed.steps_per_call = 0
     fed.num_devices = 0  # devices of the 'clients' mesh; 0 = all
+    # fixed: clients_per_call / vmap_width / unroll as given | auto: the engine picks them at the
+    # first round (conv models on CPU: 1 x 1 unrolled; others: a short timed probe).
+    fed.layout = "fixed"
     fed.update(overrides)
     if keep:
         fed = ml_collections.ConfigDict({k: fed[k] for k in keep})

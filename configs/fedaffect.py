@@ -109,7 +109,7 @@ def get_config(arg=None):
     fed = config.fed = common.fed_config(
         arg.data, keep=("partition", "num_clients", "rounds", "server_optimizer",
                         "server_learning_rate", "clients_per_call", "vmap_width", "unroll",
-                        "steps_per_call", "num_devices"))
+                        "steps_per_call", "num_devices", "layout"))
     fed.partition = "subject" if arg.data in ("synthetic", "ckplus48") else "iid"
     fed.num_clients = 5  # iid only (FER-2013 in 5 random clients, the paper's Table 2)
     fed.rounds = 40

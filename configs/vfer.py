@@ -83,7 +83,7 @@ def get_config(arg=None):
     # client's Adam are `personalize`'s). Subjects are few and v is small: a wide rolled vmap.
     fed = config.fed = common.fed_config(
         keep=("rounds", "server_optimizer", "server_learning_rate", "clients_per_call",
-              "vmap_width", "unroll", "steps_per_call", "num_devices"))
+              "vmap_width", "unroll", "steps_per_call", "num_devices", "layout"))
     fed.rounds = 2
     fed.clients_per_call = 8
     fed.vmap_width = 8

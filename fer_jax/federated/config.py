@@ -3,8 +3,9 @@
 Every experiment builds its engines here, so every knob means the same thing everywhere:
   fed.server_optimizer / fed.server_learning_rate   the server's optax optimizer (0 = default)
   fed.client_optimizer / fed.client_learning_rate / fed.client_momentum
-  fed.batch_size, fed.local_epochs, fed.tail_multiple   packing
-  fed.clients_per_call, fed.vmap_width, fed.unroll, fed.steps_per_call   the backend
+  fed.batch_size, fed.local_epochs, fed.tail_multiple, fed.drop_remainder   packing
+  fed.clients_per_call, fed.vmap_width, fed.unroll, fed.steps_per_call, fed.layout   the backend
+    (layout 'auto': the engine picks clients per call and vmap width at the first round)
   fed.num_devices                    devices of the 'clients' mesh (0 = all)
   fed.weighting, fed.prox_mu
 The rule for devices: every device of the 'clients' mesh takes at least `vmap_width` clients per
@@ -21,7 +22,7 @@ from absl import logging
 from fer_jax.federated import aggregate, packing, partial
 from fer_jax.federated import mesh as mesh_lib
 from fer_jax.federated.client import ClientMethod
-from fer_jax.federated.round import WEIGHTINGS, FederatedEngine, RoundBackend
+from fer_jax.federated.round import LAYOUTS, WEIGHTINGS, FederatedEngine, RoundBackend
 
 PARTITIONS = ("subject", "iid", "dirichlet")
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
@@ -35,7 +36,7 @@ def fed_defaults() -> dict:
                 client_optimizer="sgd", client_learning_rate=0.05, client_momentum=0.0,
                 local_epochs=1, batch_size=16, weighting="num_examples", prox_mu=0.0,
                 clients_per_call=1, tail_multiple=0, vmap_width=1, unroll=True,
-                steps_per_call=0, num_devices=0)
+                steps_per_call=0, num_devices=0, drop_remainder=False, layout="fixed")
 
 
 def _get(fed, name):
@@ -66,6 +67,9 @@ def validate(config, check, *, partitions: bool = True) -> None:
     check(_get(fed, "prox_mu") >= 0, "fed.prox_mu", ">= 0")
     check(_get(fed, "steps_per_call") >= 0, "fed.steps_per_call", ">= 0 (0 = one call)")
     check(_get(fed, "num_devices") >= 0, "fed.num_devices", ">= 0 (0 = every device)")
+    check(_get(fed, "layout") in LAYOUTS, "fed.layout", f"one of {LAYOUTS}")
+    check(not (_get(fed, "drop_remainder") and _get(fed, "tail_multiple")), "fed.drop_remainder",
+          "False with fed.tail_multiple > 0 (dropping the partial batch leaves no tail step)")
     batch = _get(fed, "batch_size")
     check(0 <= _get(fed, "tail_multiple") <= batch, "fed.tail_multiple",
           f"in [0, fed.batch_size={batch}] (0 = pad the last batch to the batch size)")
@@ -122,8 +126,10 @@ def build_engine(fed, method: ClientMethod, *, max_client_size: int,
             batch_size=_get(fed, "batch_size"), local_epochs=_get(fed, "local_epochs"),
             clients_per_call=clients_per_call(fed, devices),
             step_buckets=step_buckets(fed, max_client_size),
-            tail_multiple=_get(fed, "tail_multiple")),
+            tail_multiple=_get(fed, "tail_multiple"),
+            drop_remainder=_get(fed, "drop_remainder")),
         backend=RoundBackend(vmap_width=_get(fed, "vmap_width"), step_unroll=_get(fed, "unroll"),
                              group_unroll=_get(fed, "unroll"),
-                             steps_per_call=_get(fed, "steps_per_call")),
+                             steps_per_call=_get(fed, "steps_per_call"),
+                             layout=_get(fed, "layout")),
         weighting=_get(fed, "weighting"), mesh=mesh)
