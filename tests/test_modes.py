@@ -71,6 +71,7 @@ def _faces(n, size=48, classes=8, seed=0):
             "label": (np.arange(n) % classes).astype(np.int32)}
 
 
+@pytest.mark.slow  # ESR / MA-Net / ResNet / FedAffect compiles: 70-120 s each.
 @pytest.mark.parametrize("name,kwargs", [
     ("esr", {"model.kwargs.num_branches": 2, "model.kwargs.width": 0.125,
              "esr.progressive": False}),
@@ -89,6 +90,7 @@ def test_diversity_same_first_step(make_config, name, kwargs):
     _assert_trees_close(central, federated)
 
 
+@pytest.mark.slow  # ESR / MA-Net / ResNet / FedAffect compiles: 70-120 s each.
 def test_occlusion_same_first_step(make_config):
     from fer_jax.experiments import occlusion
 
@@ -103,6 +105,7 @@ def test_occlusion_same_first_step(make_config):
     _assert_trees_close(central, federated)
 
 
+@pytest.mark.slow  # ESR / MA-Net / ResNet / FedAffect compiles: 70-120 s each.
 def test_fedaffect_same_first_step(make_config):
     from fer_jax.experiments import fedaffect
 

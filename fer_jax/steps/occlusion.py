@@ -369,6 +369,9 @@ class OcclusionClient:
         # The engine adds metric sums over steps and clients: means times the live count.
         count = weights.sum()
         m.pop("grad_norm")
+        if self.settings.adversarial:
+            # KL(P_E || P(y_occ | F(x))) = L_F - H(P_E) (Eq. 3): 0 when F hides occlusion from D.
+            m["kl"] = m["l_f"] - binary_entropy(self.settings.prior)
         metrics = {"count": count, "correct": m.pop("correct"),
                    **({"d_correct": m.pop("d_correct")} if "d_correct" in m else {}),
                    **{f"{k}_sum": v * count for k, v in m.items()}}
