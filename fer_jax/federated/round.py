@@ -39,6 +39,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from fer_jax.federated import aggregate, partial, sampling
+from fer_jax.federated import dp as dp_lib
 from fer_jax.federated import mesh as mesh_lib
 from fer_jax.federated import packing as packing_lib
 from fer_jax.federated.client import ClientMethod
@@ -56,17 +57,21 @@ class ServerState:
 
     variables: the full model variables (federated + frozen; local leaves hold the template that
       a client starts from on its first visit). opt_state: server optimizer state over the
-      federated subtree. round: int32 scalar, the number of completed rounds.
+      federated subtree. round: int32 scalar, the number of completed rounds. dp: None, or with
+      client-level DP {'clip_norm': float32 scalar} (the clip norm of the next round; adaptive
+      clipping moves it).
     """
 
     variables: Any
     opt_state: Any
     round: jax.Array
+    dp: Any = None
 
 
 @flax.struct.dataclass
 class Accumulator:
-    """Running sums of one round: sum_c w_c delta_c, sum_c w_c, #non-finite clients.
+    """Running sums of one round: sum_c w_c delta_c, sum_c w_c, #non-finite clients and (DP)
+    #clients whose delta was clipped.
 
     Every leaf has a leading [devices] axis sharded over 'clients': each device adds its own
     clients into its own row, chunk after chunk, with no collective; `server_update` sums the
@@ -76,6 +81,7 @@ class Accumulator:
     delta_sum: Any
     weight_sum: jax.Array
     nonfinite: jax.Array
+    clipped: jax.Array
 
 
 def _on_cpu() -> bool:
@@ -133,12 +139,14 @@ class RoundBackend:
 @dataclasses.dataclass(frozen=True)
 class ClientSpec:
     """Static part of `client_chunk`; equal specs share compiled code (the method, filter and
-    optimizer hash by identity, so reuse those objects across engines to reuse compilations)."""
+    optimizer hash by identity, so reuse those objects across engines to reuse compilations).
+    clip: clip each client's delta to the state's dp clip norm (client-level DP)."""
 
     method: ClientMethod
     param_filter: partial.ParamFilter
     backend: RoundBackend
     mesh: Mesh
+    clip: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +156,7 @@ class ServerSpec:
     server_optimizer: optax.GradientTransformation
     param_filter: partial.ParamFilter
     on_nonfinite: str
+    dp: dp_lib.Mechanism | None = None
 
 
 class NonFiniteClientError(FloatingPointError):
@@ -294,22 +303,28 @@ def _over_clients(spec: ClientSpec, one, carry, xs, reduce=None):
     return carry, jax.tree.map(lambda x: x.reshape((n,) + x.shape[2:]), outs)
 
 
-def _accumulate(spec: ClientSpec, accum, clients, finished):
+def _accumulate(spec: ClientSpec, accum, clients, finished, clip_norm=None):
     """Runs `finished` on each of this device's clients and adds the results into its row of
     `accum` ([1, ...] here).
 
     clients: a tuple of per-client inputs with a leading [n] axis whose first element is
     {'client_ids', 'num_examples', 'weight'}; finished(*one_client) -> (delta, new_local, metrics,
-    finite). Returns (accum, (new_local, metrics, finite) with a leading [n] axis)."""
+    finite). clip_norm: with client-level DP, each delta is clipped to this L2 norm before it is
+    added. Returns (accum, (new_local, metrics, finite) with a leading [n] axis)."""
 
     def reduce(carry, g, out):
         delta, new_local, metrics, finite = out
         w = _weights(g[0])
         use = jnp.where(finite, w, 0.0)
+        clipped = jnp.zeros((), jnp.int32)
+        if clip_norm is not None:
+            delta, norms = dp_lib.clip_rows(delta, clip_norm)
+            clipped = jnp.sum((norms > clip_norm) & (use > 0)).astype(jnp.int32)
         d_sum, w_sum = aggregate.weighted_sum(delta, use)
         bad = jnp.sum((~finite) & (w > 0)).astype(jnp.int32)
         carry = Accumulator(jax.tree.map(jnp.add, carry.delta_sum, d_sum),
-                            carry.weight_sum + w_sum, carry.nonfinite + bad)
+                            carry.weight_sum + w_sum, carry.nonfinite + bad,
+                            carry.clipped + clipped)
         return carry, (new_local, metrics, finite)
 
     mine = jax.tree.map(lambda x: x[0], accum)
@@ -327,7 +342,17 @@ def _device_chunk(spec: ClientSpec, accum, state, chunk, local, key):
     def one(_ids, c, local_c):
         return _client_update(spec, state.variables, local_c, c, rkey)
 
-    return _accumulate(spec, accum, (ids, chunk, local), one)
+    return _accumulate(spec, accum, (ids, chunk, local), one, _clip_norm(spec, state))
+
+
+def _clip_norm(spec: ClientSpec, state):
+    """The clip norm of this round's deltas (client-level DP), or None."""
+    if not spec.clip:
+        return None
+    if state.dp is None:
+        raise ValueError("client-level DP: the server state has no clip norm (state.dp is None);"
+                         " build it with the DP engine's init() or place()")
+    return state.dp["clip_norm"]
 
 
 def _clients_sharded(spec: ClientSpec, fn, in_specs, out_specs):
@@ -397,7 +422,7 @@ def _device_end(spec: ClientSpec, accum, state, carry, clients, metrics):
     def one(_ids, c, m):
         return _client_finish(spec, state.variables, c[0], m)
 
-    return _accumulate(spec, accum, (clients, carry, metrics), one)
+    return _accumulate(spec, accum, (clients, carry, metrics), one, _clip_norm(spec, state))
 
 
 @functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("accum",))
@@ -439,11 +464,17 @@ def segments(packed, steps_per_call: int):
 
 
 @functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("state",))
-def server_update(state: ServerState, accum: Accumulator, *, spec: ServerSpec):
+def server_update(state: ServerState, accum: Accumulator, key=None, cohort_size=None, *,
+                  spec: ServerSpec):
     """Applies the server optimizer to -mean(delta); keeps `state` when the round failed.
 
     Failed = total weight 0, or (on_nonfinite='raise') any weighted client non-finite.
-    Returns (state, ok).
+    With client-level DP (spec.dp) the mean is DP-FedAvg's (see fer_jax.federated.dp): the
+    clipped deltas' sum plus Gaussian noise from the round key (`key`: the run's base key, as
+    client_chunk's), over the fixed denominator `cohort_size` (the clients sampled), and the
+    clip norm moves with adaptive clipping. Returns (state, ok, stats): stats is {} without DP,
+    else this round's {'clip_norm', 'clipped', 'contributed', 'unclipped_fraction'} (the last the
+    noised adaptive-clipping estimate, NaN with a fixed clip norm).
     """
     labels = partial.label_tree(state.variables, spec.param_filter)
     fed = partial.select(state.variables, labels, partial.FEDERATED)
@@ -451,13 +482,25 @@ def server_update(state: ServerState, accum: Accumulator, *, spec: ServerSpec):
     ok = accum.weight_sum > 0
     if spec.on_nonfinite == "raise":
         ok &= accum.nonfinite == 0
-    total = jnp.where(ok, accum.weight_sum, 1.0)
-    # Pseudo-gradient of Reddi et al. (2021): the negated weighted-mean client delta.
-    grads = jax.tree.map(lambda s, p: (-s / total).astype(p.dtype), accum.delta_sum, fed)
+    dp_state, stats = state.dp, {}
+    if spec.dp is None:
+        total = jnp.where(ok, accum.weight_sum, 1.0)
+        mean = jax.tree.map(lambda s: s / total, accum.delta_sum)
+    else:
+        clip = state.dp["clip_norm"]
+        noise_key = dp_lib.noise_key(sampling.round_key(key, state.round))
+        mean, next_clip, below = dp_lib.private_mean(
+            spec.dp, accum.delta_sum, accum.weight_sum, accum.clipped, clip, noise_key,
+            cohort_size)
+        dp_state = {"clip_norm": next_clip.astype(clip.dtype)}
+        stats = {"clip_norm": clip, "clipped": accum.clipped, "contributed": accum.weight_sum,
+                 "unclipped_fraction": below}
+    # Pseudo-gradient of Reddi et al. (2021): the negated (weighted or private) mean client delta.
+    grads = jax.tree.map(lambda m, p: (-m).astype(p.dtype), mean, fed)
     updates, opt_state = spec.server_optimizer.update(grads, state.opt_state, fed)
     new = ServerState(partial.merge(state.variables, optax.apply_updates(fed, updates)),
-                      opt_state, state.round + 1)
-    return _tree_where(ok, new, state), ok
+                      opt_state, state.round + 1, dp_state)
+    return _tree_where(ok, new, state), ok, stats
 
 
 def _chunk_weights(chunk_plan, rows) -> np.ndarray:
@@ -481,6 +524,11 @@ class RoundResult:
     client_updates: int
     useful_examples: int
     layout: dict | None = None   # the engine's client layout (FederatedEngine.layout)
+    # Client-level DP (engine dp=...): epsilon (after this round, at delta), delta,
+    # noise_multiplier, clip_norm (this round's), noise_std (on the sum), clipped_fraction (exact:
+    # a diagnostic outside the guarantee), unclipped_fraction (adaptive clipping's noised
+    # estimate), next_clip_norm. None without DP.
+    dp: dict | None = None
 
 
 class FederatedEngine:
@@ -493,16 +541,26 @@ class FederatedEngine:
 
     Without `backend` the engine picks its layout (RoundBackend.auto()) at the first plan() or
     compile(); `engine.layout` (also in every RoundResult) says what it chose and why.
+
+    dp: a `dp.DPConfig` for client-level DP-FedAvg (fer_jax.federated.dp): deltas clipped on
+    the clients, noise and the fixed denominator on the server, epsilon in every RoundResult.
+    It needs weighting='uniform' (a client's weight bounds its share of the sum). The mechanism
+    is resolved (noise multiplier calibrated, delta defaulted) for the population size and cohort
+    size of the first plan() or compile(), or of an explicit `setup_privacy(N, m)`.
     """
 
     def __init__(self, method: ClientMethod, *, server_optimizer=None,
                  param_filter: partial.ParamFilter = partial.federate_all,
                  packing: PackingConfig | None = None, backend: RoundBackend | None = None,
                  weighting: str = "num_examples", on_nonfinite: str = "raise",
-                 mesh: Mesh | None = None):
+                 mesh: Mesh | None = None, dp: dp_lib.DPConfig | None = None):
         if not (callable(weighting) or weighting in WEIGHTINGS):
             raise ValueError(f"weighting {weighting!r} is not one of {WEIGHTINGS} or a function of"
                              " the client sizes")
+        if dp is not None and weighting != "uniform":
+            raise ValueError(f"client-level DP needs weighting='uniform', got {weighting!r}: the "
+                             "noise is calibrated to each client moving the sum by at most the "
+                             "clip norm, which larger weights would break")
         if on_nonfinite not in ON_NONFINITE:
             raise ValueError(f"on_nonfinite {on_nonfinite!r} is not one of {ON_NONFINITE}")
         packing = PackingConfig() if packing is None else packing
@@ -514,9 +572,10 @@ class FederatedEngine:
                              f"devices ({mesh.devices.size}) x vmap_width ({backend.vmap_width})")
         self.packing = packing
         self.weighting = weighting
-        self.spec = ClientSpec(method, param_filter, backend, mesh)
+        self.spec = ClientSpec(method, param_filter, backend, mesh, clip=dp is not None)
         self.server_spec = ServerSpec(server_optimizer or aggregate.server_optimizer("fedavg"),
                                       param_filter, on_nonfinite)
+        self.dp, self.ledger = dp, None
         self.layout = {"mode": backend.layout, "clients_per_call": packing.clients_per_call,
                        "vmap_width": backend.vmap_width, "unroll": backend.step_unroll}
         if backend.layout == "fixed":
@@ -538,7 +597,10 @@ class FederatedEngine:
         return self.place(state)
 
     def place(self, state: ServerState) -> ServerState:
-        """A (restored) server state copied onto this engine's mesh, replicated."""
+        """A (restored) server state copied onto this engine's mesh, replicated (with DP, a
+        state without a clip norm gets the configured one)."""
+        if self.dp is not None and state.dp is None:
+            state = state.replace(dp={"clip_norm": np.float32(self.dp.clip_norm)})
         state = mesh_lib.replicate(jax.tree.map(np.array, state), self.mesh)
         # Shapes and shardings only: what compile() and the layout probe run on.
         self._state_like = jax.tree.map(
@@ -555,9 +617,48 @@ class FederatedEngine:
         ids = np.asarray(client_ids, dtype=np.int64)
         if ids.size == 0:
             raise ValueError("empty cohort: no client ids given")
+        if self.dp is not None:
+            if len(np.unique(ids)) != ids.size:
+                raise ValueError("client-level DP: a cohort must hold distinct clients (sampled "
+                                 "without replacement)")
+            self.setup_privacy(population.num_clients, ids.size)
         sizes = population.sizes(ids)
         self._choose_layout(population, ids)
         return plan_cohort(ids, sizes, self.packing, self.client_weights(sizes))
+
+    def setup_privacy(self, population_size: int, cohort_size: int) -> dp_lib.Mechanism | None:
+        """Resolves the DP mechanism (once) for cohorts of `cohort_size` out of
+        `population_size` clients: calibrates the noise multiplier to dp.target_epsilon, defaults
+        delta to 1 / N^1.1. plan() and compile() call it; call it first to fail before any work
+        (an unreachable target raises ValueError). Returns the mechanism (None without DP)."""
+        if self.dp is None:
+            return None
+        if self.ledger is None:
+            mech, delta = dp_lib.resolve(self.dp, population_size, cohort_size)
+            self.server_spec = dataclasses.replace(self.server_spec, dp=mech)
+            self.ledger = dp_lib.Ledger(mech.noise_multiplier, delta,
+                                        (population_size, cohort_size))
+        return self.server_spec.dp
+
+    def privacy_report(self, rounds: int | None = None) -> dict:
+        """The DP guarantee after `rounds` (default: the rounds run so far) for a final report:
+        epsilon, delta, noise multiplier, clip norm, the accounting's assumptions."""
+        if self.dp is None:
+            return {"enabled": False}
+        if self.ledger is None:
+            raise ValueError("no DP mechanism yet: plan(), compile() or setup_privacy() first")
+        done = (max(self.ledger.rounds) + 1 if self.ledger.rounds else 0) if rounds is None \
+            else rounds
+        n, m = self.ledger.rounds.get(done - 1, self.ledger.default)
+        mech = self.server_spec.dp
+        return {"enabled": True, "epsilon": self.ledger.epsilon(done) if done else 0.0,
+                "delta": self.ledger.delta, "rounds": done,
+                "noise_multiplier": mech.noise_multiplier, "clip_norm": self.dp.clip_norm,
+                "adaptive_clipping": mech.adaptive, "population_size": n, "cohort_size": m,
+                "level": "client", "neighbouring": "replace one client",
+                "sampling": "fixed-size cohorts without replacement",
+                "accountant": "dp_accounting RDP (Wang et al. 2019 sampled-without-replacement "
+                              "Gaussian)"}
 
     def client_weights(self, sizes) -> np.ndarray:
         """Aggregation weights of clients of `sizes` examples (0 for empty clients).
@@ -595,6 +696,7 @@ class FederatedEngine:
         t0 = time.perf_counter()
         ids = (np.arange(population.num_clients) if client_ids is None
                else np.asarray(client_ids, dtype=np.int64))
+        self.setup_privacy(population.num_clients, min(cohort_size, population.num_clients))
         if "source" not in self.layout:  # auto layout: probe on a cohort-sized sample
             sample = np.random.default_rng(0).permutation(ids)[:cohort_size]
             self._choose_layout(population, sample)
@@ -609,7 +711,8 @@ class FederatedEngine:
                                           local_store=None, idle_weight=0.0)
         # server_update donates its state: give it a copy (through the host: no copy program).
         copy = jax.tree.map(lambda x: jax.device_put(np.asarray(x), x.sharding), state)
-        out = server_update(copy, accum, spec=self.server_spec)
+        out = server_update(copy, accum, mesh_lib.replicate(key, self.mesh), np.float32(k),
+                            spec=self.server_spec)
         jax.block_until_ready((out, outputs))
         return time.perf_counter() - t0
 
@@ -741,8 +844,15 @@ class FederatedEngine:
         accum, outputs = self._run_chunks(
             state, population, plan.chunks, key, seed=seed, round_index=round_index,
             local_store=local_store, idle_weight=plan.idle_weight)
-        state, ok = server_update(state, accum, spec=self.server_spec)
-        result = self._report(plan, outputs, ok)
+        cohort = sum(int((c.client_ids >= 0).sum()) for c in plan.chunks)
+        if self.dp is not None:
+            if self.ledger is None:
+                raise ValueError("client-level DP: plan the cohort with engine.plan()")
+            self.ledger.record(round_index, population.num_clients, cohort)
+        state, ok, stats = server_update(state, accum, mesh_lib.replicate(np.asarray(key),
+                                                                          self.mesh),
+                                         np.float32(cohort), spec=self.server_spec)
+        result = self._report(plan, outputs, ok, stats, round_index)
         self._known_round = (state.round, round_index + int(result.ok))
         if local_store is not None and result.ok and self._has_local(state):
             self._store_local(local_store, plan, outputs, result)
@@ -782,7 +892,8 @@ class FederatedEngine:
             weight0[0] = idle_weight
         accum = mesh_lib.shard_clients(Accumulator(
             jax.tree.map(lambda x: np.zeros((len(weight0),) + x.shape, np.float32), fed),
-            weight0, np.zeros(len(weight0), np.int32)), self.mesh, devices)
+            weight0, np.zeros(len(weight0), np.int32), np.zeros(len(weight0), np.int32)),
+            self.mesh, devices)
         key = mesh_lib.replicate(np.asarray(key), self.mesh)
         k = self.packing.clients_per_call
         rows = mesh_lib.process_rows(self.mesh, k)
@@ -840,13 +951,22 @@ class FederatedEngine:
             metrics = m if metrics is None else jax.tree.map(jnp.add, metrics, m)
         return client_end(accum, state, carry, chunk["clients"], metrics, spec=self.spec)
 
-    def _report(self, plan, outputs, ok) -> RoundResult:
+    def _report(self, plan, outputs, ok, stats, round_index) -> RoundResult:
         ids = np.concatenate([c.client_ids for c in plan.chunks])
         n = np.concatenate([c.num_examples for c in plan.chunks])
-        # One device-to-host copy for the round's verdict and every chunk's metrics.
-        ok, metrics, finite = mesh_lib.to_host((ok, [o[1] for o in outputs],
-                                                [o[2] for o in outputs]))
+        # One device-to-host copy for the round's verdict, DP stats and every chunk's metrics.
+        ok, stats, metrics, finite = mesh_lib.to_host((ok, stats, [o[1] for o in outputs],
+                                                       [o[2] for o in outputs]))
         ok = bool(ok)
+        dp = None
+        if self.dp is not None:
+            mech, clip = self.server_spec.dp, float(stats["clip_norm"])
+            contributed = float(stats["contributed"])
+            dp = {"epsilon": self.ledger.epsilon(round_index + 1), "delta": self.ledger.delta,
+                  "noise_multiplier": mech.noise_multiplier, "clip_norm": clip,
+                  "noise_std": mech.delta_noise * clip if mech.delta_noise else 0.0,
+                  "clipped_fraction": int(stats["clipped"]) / max(contributed, 1.0),
+                  "unclipped_fraction": float(stats["unclipped_fraction"])}
         real = ids >= 0
         per_client = {name: np.concatenate([m[name] for m in metrics])[real]
                       for name in (metrics[0] if metrics else {})}
@@ -856,7 +976,8 @@ class FederatedEngine:
                            totals={k: float(v[finite].sum()) for k, v in per_client.items()},
                            nonfinite_client_ids=bad, padding_efficiency=plan.padding_efficiency,
                            client_updates=plan.client_updates,
-                           useful_examples=plan.useful_examples, layout=dict(self.layout))
+                           useful_examples=plan.useful_examples, layout=dict(self.layout),
+                           dp=dp)
 
     def _store_local(self, store, plan, outputs, result):
         """Writes the trained LOCAL subtrees of this process's finite clients back."""
