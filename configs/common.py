@@ -116,7 +116,30 @@ def fed_config(data: str = "synthetic", *, keep: tuple[str, ...] = (),
     # fixed: clients_per_call / vmap_width / unroll as given | auto: the engine picks them at the
     # first round (conv models on CPU: 1 x 1 unrolled; others: a short timed probe).
     fed.layout = "fixed"
+    fed.dp = dp_config()
     fed.update(overrides)
-    if keep:
-        fed = ml_collections.ConfigDict({k: fed[k] for k in keep})
+    if keep:  # weighting and dp stay: client-level DP works for every method (and needs both)
+        fed = ml_collections.ConfigDict({k: fed[k] for k in (*keep, "weighting", "dp")})
     return fed
+
+
+def dp_config() -> ml_collections.ConfigDict:
+    """The `fed.dp` block: client-level DP-FedAvg (WORKSPACE.md#client-level-differential-privacy).
+
+    Enabling it needs fed.weighting = 'uniform' and exactly one of noise_multiplier and
+    target_epsilon (e.g. --config.fed.dp.enabled=True --config.fed.weighting=uniform
+    --config.fed.dp.target_epsilon=4). Unset (None) fields take the documented default.
+    """
+    placeholder = ml_collections.config_dict.placeholder
+    dp = ml_collections.ConfigDict()
+    dp.enabled = False
+    dp.clip_norm = 1.0  # C: each client's federated delta is clipped to this L2 norm
+    dp.noise_multiplier = placeholder(float)  # z: noise std z * C on the sum of clipped deltas
+    dp.target_epsilon = placeholder(float)  # or: z computed so that fed.rounds give this epsilon
+    dp.delta = placeholder(float)  # delta of the reported epsilon; None = 1 / N^1.1
+    # Adaptive clipping (Andrew et al. 2021): C tracks this quantile of the update norms;
+    # None = a fixed C. Its learning rate, and the count's noise std (None = cohort size / 20).
+    dp.target_quantile = placeholder(float)
+    dp.clip_learning_rate = 0.2
+    dp.clip_count_stddev = placeholder(float)
+    return dp

@@ -75,11 +75,14 @@ def train_federated(config, run, model, train, num_classes, variables, evaluate)
     engine = fed_config.build_engine(
         fed, client(config, model, fed_config.client_optimizer(fed), prox_mu=fed.prox_mu),
         max_client_size=summary["sizes"]["max"])
+    # Client-level DP: calibrate now (an unreachable target epsilon fails before any round).
+    engine.setup_privacy(population.num_clients, min(fed.cohort_size, population.num_clients))
     state = loops.federated(
         run, engine, population, variables, num_rounds=fed.rounds,
         cohort_size=fed.cohort_size, seed=config.seed, eval_every=config.eval_every_rounds,
         evaluate=lambda s, r: evaluate(loops.server_variables(s), r, "eval"))
-    return loops.server_variables(state), {"rounds": fed.rounds, "partition": summary}
+    return loops.server_variables(state), {"rounds": fed.rounds, "partition": summary,
+                                           "privacy": engine.privacy_report(fed.rounds)}
 
 
 def run(config, workdir: str) -> dict:

@@ -8,6 +8,10 @@ Every experiment builds its engines here, so every knob means the same thing eve
     (layout 'auto': the engine picks clients per call and vmap width at the first round)
   fed.num_devices                    devices of the 'clients' mesh (0 = all)
   fed.weighting, fed.prox_mu
+  fed.dp.*                           client-level DP-FedAvg (fer_jax.federated.dp): enabled,
+    clip_norm, noise_multiplier | target_epsilon (for fed.rounds), delta (None = 1 / N^1.1),
+    target_quantile / clip_learning_rate / clip_count_stddev (adaptive clipping); needs
+    fed.weighting = 'uniform'
 The rule for devices: every device of the 'clients' mesh takes at least `vmap_width` clients per
 call, so clients_per_call is rounded up to a multiple of devices x vmap_width (logged). A
 config without a key gets the default of `fed_defaults()` (configs/common.py writes the same).
@@ -20,6 +24,7 @@ import optax
 from absl import logging
 
 from fer_jax.federated import aggregate, packing, partial
+from fer_jax.federated import dp as dp_lib
 from fer_jax.federated import mesh as mesh_lib
 from fer_jax.federated.client import ClientMethod
 from fer_jax.federated.round import LAYOUTS, WEIGHTINGS, FederatedEngine, RoundBackend
@@ -36,7 +41,15 @@ def fed_defaults() -> dict:
                 client_optimizer="sgd", client_learning_rate=0.05, client_momentum=0.0,
                 local_epochs=1, batch_size=16, weighting="num_examples", prox_mu=0.0,
                 clients_per_call=1, tail_multiple=0, vmap_width=1, unroll=True,
-                steps_per_call=0, num_devices=0, drop_remainder=False, layout="fixed")
+                steps_per_call=0, num_devices=0, drop_remainder=False, layout="fixed",
+                dp=dp_defaults())
+
+
+def dp_defaults() -> dict:
+    """The `fed.dp` block (None: unset). Exactly one of noise_multiplier and target_epsilon."""
+    return dict(enabled=False, clip_norm=1.0, noise_multiplier=None, target_epsilon=None,
+                delta=None, target_quantile=None, clip_learning_rate=0.2,
+                clip_count_stddev=None)
 
 
 def _get(fed, name):
@@ -73,6 +86,65 @@ def validate(config, check, *, partitions: bool = True) -> None:
     batch = _get(fed, "batch_size")
     check(0 <= _get(fed, "tail_multiple") <= batch, "fed.tail_multiple",
           f"in [0, fed.batch_size={batch}] (0 = pad the last batch to the batch size)")
+    validate_dp(config, check, partitions=partitions)
+
+
+def _dp_get(fed, name):
+    dp = fed.get("dp", None) or {}
+    value = dp.get(name, None)
+    return dp_defaults()[name] if value is None else value
+
+
+def validate_dp(config, check, *, partitions: bool = True) -> None:
+    """Checks `config.fed.dp` when enabled; with a target epsilon and a known population
+    (iid / dirichlet partitions: fed.num_clients) also that the target can be reached."""
+    fed = config.fed
+    if not _dp_get(fed, "enabled"):
+        return
+    check(_get(fed, "weighting") == "uniform", "fed.weighting",
+          "'uniform' with fed.dp.enabled (each client must move the sum by at most the clip norm)")
+    check(_dp_get(fed, "clip_norm") > 0, "fed.dp.clip_norm", "> 0 (inf: no clipping)")
+    z, eps = _dp_get(fed, "noise_multiplier"), _dp_get(fed, "target_epsilon")
+    check((z is None) != (eps is None), "fed.dp.noise_multiplier",
+          "exactly one of fed.dp.noise_multiplier and fed.dp.target_epsilon set")
+    if z is not None:
+        check(z >= 0, "fed.dp.noise_multiplier", ">= 0")
+    if eps is not None:
+        check(eps > 0, "fed.dp.target_epsilon", "> 0")
+    delta = _dp_get(fed, "delta")
+    if delta is not None:
+        check(0 < delta < 1, "fed.dp.delta", "in (0, 1) (unset: 1 / N^1.1)")
+    q = _dp_get(fed, "target_quantile")
+    if q is not None:
+        check(0 < q < 1, "fed.dp.target_quantile", "in (0, 1) (unset: a fixed clip norm)")
+    check(_dp_get(fed, "clip_learning_rate") > 0, "fed.dp.clip_learning_rate", "> 0")
+    sb = _dp_get(fed, "clip_count_stddev")
+    if sb is not None:
+        check(sb > 0, "fed.dp.clip_count_stddev", "> 0 (unset: cohort size / 20)")
+    if eps is not None and partitions and _get(fed, "partition") in ("iid", "dirichlet"):
+        n = _get(fed, "num_clients")
+        m = min(_get(fed, "cohort_size"), n)
+        rounds = _get(fed, "rounds")
+        delta = delta if delta is not None else dp_lib.default_delta(n)
+        floor = dp_lib.epsilon(n, m, dp_lib.MAX_NOISE_MULTIPLIER, rounds, delta)
+        check(floor <= eps, "fed.dp.target_epsilon",
+              f"reachable in fed.rounds={rounds} rounds of {m} of {n} clients at delta="
+              f"{delta:.3g}: even noise_multiplier={dp_lib.MAX_NOISE_MULTIPLIER:g} gives epsilon="
+              f"{floor:.4g}")
+
+
+def dp_config(fed) -> dp_lib.DPConfig | None:
+    """The engine's DPConfig from `fed.dp` (None when disabled); target_epsilon is planned
+    for fed.rounds."""
+    if not _dp_get(fed, "enabled"):
+        return None
+    return dp_lib.DPConfig(
+        clip_norm=float(_dp_get(fed, "clip_norm")),
+        noise_multiplier=_dp_get(fed, "noise_multiplier"),
+        target_epsilon=_dp_get(fed, "target_epsilon"), delta=_dp_get(fed, "delta"),
+        rounds=_get(fed, "rounds"), target_quantile=_dp_get(fed, "target_quantile"),
+        clip_learning_rate=_dp_get(fed, "clip_learning_rate"),
+        clip_count_stddev=_dp_get(fed, "clip_count_stddev"))
 
 
 def client_optimizer(fed) -> optax.GradientTransformation:
@@ -132,4 +204,4 @@ def build_engine(fed, method: ClientMethod, *, max_client_size: int,
                              group_unroll=_get(fed, "unroll"),
                              steps_per_call=_get(fed, "steps_per_call"),
                              layout=_get(fed, "layout")),
-        weighting=_get(fed, "weighting"), mesh=mesh)
+        weighting=_get(fed, "weighting"), mesh=mesh, dp=dp_config(fed))

@@ -194,10 +194,22 @@ def centralized(run, method, variables, train: dict, *, batch_size: int, total_s
 
 
 def round_metrics(result: fl.RoundResult) -> dict:
-    """A round's `train/*` means and `round/*` counters (clients, examples, padding)."""
+    """A round's `train/*` means, `round/*` counters (clients, examples, padding) and, with
+    client-level DP, `dp/*` (epsilon so far, clip norm, noise std, clipped fraction)."""
     return {**step_metrics(result.totals), "round/clients": result.client_updates,
             "round/examples": result.useful_examples,
-            "round/padding_efficiency": result.padding_efficiency}
+            "round/padding_efficiency": result.padding_efficiency, **dp_metrics(result)}
+
+
+def dp_metrics(result: fl.RoundResult, prefix: str = "dp") -> dict:
+    """`{prefix}/epsilon`, clip_norm, noise_std, clipped_fraction (and adaptive clipping's
+    unclipped_fraction) of a DP round; {} without DP."""
+    if result.dp is None:
+        return {}
+    keys = ["epsilon", "clip_norm", "noise_std", "clipped_fraction"]
+    if np.isfinite(result.dp["unclipped_fraction"]):
+        keys.append("unclipped_fraction")
+    return {f"{prefix}/{k}": result.dp[k] for k in keys}
 
 
 def engine_round(run, engine: fl.FederatedEngine, population, *, cohort_size: int, seed: int,
