@@ -392,10 +392,12 @@ def _federated_rounds(config, clients, train, rep_method, few_method, rep_vars, 
     def simclr(state, r):
         ids = sample_cohort(clients["rep_clients"], config.repr.cohort_size, config.seed, r)
         pop = clients["rep_population"]
-        state["rep"], res = rep_engine.run_round(state["rep"], pop, rep_engine.plan(pop, ids),
-                                                 rep_key, seed=config.seed)
+        plan = rep_engine.plan(pop, ids, population_size=len(clients["rep_clients"]))
+        state["rep"], res = rep_engine.run_round(state["rep"], pop, plan, rep_key,
+                                                 seed=config.seed)
         return state, res.totals, {"repr/clients": res.client_updates,
-                                   "repr/images": res.useful_examples}
+                                   "repr/images": res.useful_examples,
+                                   **loops.dp_metrics(res, "repr/dp")}
 
     def handoff(state):
         rep_now = fl.mesh.to_host(state["rep"].variables)
@@ -408,9 +410,11 @@ def _federated_rounds(config, clients, train, rep_method, few_method, rep_vars, 
         ids = sample_cohort(clients["few_clients"], config.fewshot.cohort_size,
                             config.seed + 1_000_003, r)
         pop = clients["few_population"]
-        state["few"], res = few_engine.run_round(state["few"], pop, few_engine.plan(pop, ids),
-                                                 few_key, seed=config.seed)
-        return state, res.totals, {"fewshot/clients": res.client_updates}
+        plan = few_engine.plan(pop, ids, population_size=len(clients["few_clients"]))
+        state["few"], res = few_engine.run_round(state["few"], pop, plan, few_key,
+                                                 seed=config.seed)
+        return state, res.totals, {"fewshot/clients": res.client_updates,
+                                   **loops.dp_metrics(res, "fewshot/dp")}
 
     def variables(state):
         return fl.mesh.to_host(state["rep"].variables), fl.mesh.to_host(state["few"].variables)

@@ -40,7 +40,7 @@ from fer_jax.federated import config as fed_config
 from fer_jax.models import vfer as vfer_models
 from fer_jax.steps import vfer as steps
 from fer_jax.steps.supervised import preprocess
-from fer_jax.train import Run, checks, optim
+from fer_jax.train import Run, checks, loops, optim
 
 DATA = ("synthetic", "ckplus")
 
@@ -462,6 +462,7 @@ def run(config, workdir: str) -> dict:
             server, result = engine.run_round(server, population, plan, run_key,
                                               seed=config.seed, local_store=store)
             tune_loss = result.totals["loss_sum"] / max(result.totals["count"], 1)
+            dp_logged = loops.dp_metrics(result)  # client-level DP (fed.dp): epsilon so far
         else:
             # Every subject skipped (no video above p_threshold): nothing is sent, the central
             # model stays as it was and every subject keeps it (counted in the report).
@@ -469,6 +470,7 @@ def run(config, workdir: str) -> dict:
                             r + 1, config.personalize.threshold)
             server = server.replace(round=server.round + 1)
             tune_loss = float("nan")
+            dp_logged = {}
         seconds = time.perf_counter() - t0
         host = fl.mesh.to_host(server.variables)
         central = _v_vars(host["params"]["v"], host["batch_stats"]["v"])
@@ -498,7 +500,7 @@ def run(config, workdir: str) -> dict:
             "bytes_sent_per_client": {"v_only": v_bytes, "whole_model": whole_bytes}})
         writer.write(r + 1, {"round/seconds": seconds, "round/subjects": len(adapted),
                              "after/micro_f1": rounds[-1]["after_personalization"]["micro"]["f1"],
-                             "central/macro_f1": central_report["macro"]["f1"]})
+                             "central/macro_f1": central_report["macro"]["f1"], **dp_logged})
         logging.info("round %d: %d subjects adapted (%d skipped), selected %s, %.2fs", r + 1,
                      len(adapted), len(skipped), sizes.tolist(), seconds)
         rounds_path.write_text(json.dumps(rounds))

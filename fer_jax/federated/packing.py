@@ -116,6 +116,7 @@ class CohortPlan:
     local_epochs: int
     trained: np.ndarray | None = None
     weights: np.ndarray | None = None
+    population_size: int | None = None  # clients the cohort was sampled from (DP accounting)
 
     @property
     def trained_examples(self) -> np.ndarray:

@@ -612,8 +612,14 @@ class FederatedEngine:
         labels = partial.label_tree(variables, self.spec.param_filter)
         return partial.select(variables, labels, partial.LOCAL)
 
-    def plan(self, population: Population, client_ids) -> CohortPlan:
-        """The chunk plan of a cohort (depends on ids and sizes only; identical on every host)."""
+    def plan(self, population: Population, client_ids, *,
+             population_size: int | None = None) -> CohortPlan:
+        """The chunk plan of a cohort (depends on ids and sizes only; identical on every host).
+
+        population_size: how many clients the cohort was drawn from, when the sampler draws from
+        a subset of `population` (client-level DP accounts with it; default: all of them).
+        """
+        n = population.num_clients if population_size is None else int(population_size)
         ids = np.asarray(client_ids, dtype=np.int64)
         if ids.size == 0:
             raise ValueError("empty cohort: no client ids given")
@@ -621,10 +627,11 @@ class FederatedEngine:
             if len(np.unique(ids)) != ids.size:
                 raise ValueError("client-level DP: a cohort must hold distinct clients (sampled "
                                  "without replacement)")
-            self.setup_privacy(population.num_clients, ids.size)
+            self.setup_privacy(n, ids.size)
         sizes = population.sizes(ids)
         self._choose_layout(population, ids)
-        return plan_cohort(ids, sizes, self.packing, self.client_weights(sizes))
+        return dataclasses.replace(plan_cohort(ids, sizes, self.packing,
+                                               self.client_weights(sizes)), population_size=n)
 
     def setup_privacy(self, population_size: int, cohort_size: int) -> dp_lib.Mechanism | None:
         """Resolves the DP mechanism (once) for cohorts of `cohort_size` out of
@@ -848,7 +855,8 @@ class FederatedEngine:
         if self.dp is not None:
             if self.ledger is None:
                 raise ValueError("client-level DP: plan the cohort with engine.plan()")
-            self.ledger.record(round_index, population.num_clients, cohort)
+            self.ledger.record(round_index, plan.population_size or population.num_clients,
+                               cohort)
         state, ok, stats = server_update(state, accum, mesh_lib.replicate(np.asarray(key),
                                                                           self.mesh),
                                          np.float32(cohort), spec=self.server_spec)
