@@ -10,13 +10,15 @@ the first DP round's one-off accounting (the RDP curve) and a target-epsilon cal
   python benchmarks/dp_fedavg.py --model mlp --cohort 200 --rounds 20 --out /tmp/dp.json
 
 Utility-privacy (--utility): FedAvg (configs/fedavg.py, small CNN) on FER-2013 in --clients
-Dirichlet(0.5) clients, --cohort per round, --train_rounds rounds, weighting uniform, once
-non-private and once per --epsilons target (noise multiplier calibrated by the engine), each a
+Dirichlet(0.5) clients, --train_cohort per round (large cohorts: the mean's noise is zC / m),
+--train_rounds rounds (150 x 100 of 1,000 clients: ~15 passes over the data), weighting
+uniform, once non-private and once per --epsilons target (noise multiplier calibrated by the
+engine), each a
 `python -m fer_jax.main` run in <workdir>/<arm>; writes the table (PrivateTest accuracy, epsilon,
 noise multiplier, seconds) to the JSON and accuracy-vs-epsilon to a PNG beside it. Needs the raw
 FER-2013 csv in ../shared/data/fer2013.
 
-  python benchmarks/dp_fedavg.py --utility --train_rounds 300 --extra=--cpu_devices=2
+  python benchmarks/dp_fedavg.py --utility --extra=--cpu_devices=2
 """
 
 from __future__ import annotations
@@ -132,7 +134,7 @@ def utility(args) -> dict:
         cmd = [sys.executable, "-m", "fer_jax.main",
                "--config=configs/fedavg.py:data=fer2013,partition=dirichlet",
                f"--workdir={out}", f"--config.fed.num_clients={args.clients}",
-               f"--config.fed.cohort_size={args.cohort}",
+               f"--config.fed.cohort_size={args.train_cohort}",
                f"--config.fed.rounds={args.train_rounds}", "--config.fed.weighting=uniform",
                f"--config.eval_every_rounds={max(args.train_rounds // 5, 1)}"]
         if eps is not None:
@@ -157,7 +159,7 @@ def utility(args) -> dict:
         print(json.dumps(rows[-1]), flush=True)
     return {"what": "FedAvg on FER-2013 (PrivateTest accuracy) at client-level epsilon, same "
                     "rounds, clients, cohorts and uniform weighting",
-            "clients": args.clients, "cohort": args.cohort, "rounds": args.train_rounds,
+            "clients": args.clients, "cohort": args.train_cohort, "rounds": args.train_rounds,
             "clip_norm": args.clip, "target_quantile": args.quantile or None, "rows": rows}
 
 
@@ -197,7 +199,8 @@ def main():
     parser.add_argument("--utility", action="store_true")
     parser.add_argument("--epsilons", type=lambda s: [float(x) for x in s.split(",")],
                         default=[1.0, 4.0, 8.0])
-    parser.add_argument("--train_rounds", type=int, default=300)
+    parser.add_argument("--train_rounds", type=int, default=150)
+    parser.add_argument("--train_cohort", type=int, default=100)
     parser.add_argument("--clip", type=float, default=1.0)
     parser.add_argument("--quantile", type=float, default=0.0, help="> 0: adaptive clipping")
     parser.add_argument("--workdir", default="/tmp/dp_fedavg_utility")
