@@ -7,8 +7,13 @@ Heidari & Iosifidis, *Learning diversified feature representations for FER in th
     Eq. (3)  Loss = L_CE - (D_ch + D_sp)      (Eq. (4) ESR, Eq. (5) MA-Net add branch terms)
 
 phi_l are pooled feature maps: 1 x H x W for spatial diversity (`spatial_pool`), C x 1 x 1 for
-channel diversity (`channel_pool`). No feature normalisation; gamma is a config value (the
-authors' code hard-codes 10).
+channel diversity (`channel_pool`). No feature normalisation; gamma is a hyperparameter (the
+authors' code hard-codes 10). At a fixed gamma, det(S) saturates when the learners' distances
+are far from 1 / gamma: S -> I (det 1) or S -> all ones (det 0), and the gradient vanishes.
+`median_heuristic_gamma` sets gamma from the batch instead, 1 / the median squared distance
+between learners, so the median off-diagonal kernel value is exp(-1) whatever the features'
+scale (docs/papers.md#diversity-gamma); `similarity_saturation` measures how many off-diagonal
+entries of S sit at either end.
 
 **Decision** (docs/papers.md#diversity-diagonal): S_ll = 1 (Eq. (1)). The released code
 leaves the diagonal at 0, which gives det = (-1)^(L-1) (L-1) for identical learners and, for
@@ -21,6 +26,7 @@ when two learners are identical on every sample.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fer_jax.losses import _checks
 
@@ -123,3 +129,69 @@ def det_diversity(
     if not (isinstance(eps, (int, float)) and eps == 0):
         s = s + eps * jnp.eye(s.shape[0], dtype=s.dtype)
     return jnp.linalg.det(s)
+
+
+def median_heuristic_gamma(phi: jax.Array, *, mask: jax.Array | None = None,
+                           min_ratio: float = 1e-4) -> jax.Array:
+    """gamma = 1 / median of ||phi_l(x_n) - phi_k(x_n)||^2 over learner pairs l < k and samples.
+
+    The median heuristic for an RBF bandwidth, taken over the same distances Eq. (1) compares
+    (learners on the same sample), so exp(-gamma d) = exp(-1) at the median and S's
+    off-diagonal entries spread around 0.37 at any feature scale: det(S) stays away from 1
+    (S = I) and from 0 (S = all ones). It is a constant of the step: the value carries no
+    gradient (stop_gradient), so the loss pushes distances apart at a fixed kernel width.
+
+    Args:
+      phi: (L, N, ...) pooled features of L >= 2 learners (see `rbf_similarity`).
+      mask: optional (N,) validity of each sample; the median runs over valid samples only.
+      min_ratio: the median is floored at min_ratio * the mean squared feature norm
+        mean_{l,n} ||phi_l(x_n)||^2 (and at the smallest normal float), which caps gamma when
+        learners nearly coincide (e.g. a branch just copied from another): learners closer
+        than 1% of the features' norm count as identical instead of giving gamma -> inf.
+
+    Returns:
+      Scalar gamma > 0, finite. With no valid sample, 1 / the floor.
+    """
+    phi = jnp.asarray(phi)
+    if phi.ndim < 2 or phi.shape[0] < 2:
+        raise ValueError(f"phi must have shape (L, N, ...) with L >= 2, got shape {phi.shape}.")
+    _checks.check_positive(min_ratio, name="min_ratio", allow_zero=True)
+    phi = jax.lax.stop_gradient(phi)
+    flat = phi.reshape(phi.shape[0], phi.shape[1], -1)
+    valid = (jnp.ones(phi.shape[1], bool) if mask is None else
+             _checks.check_mask(mask, phi.shape[1], expected="(N,) with N = phi.shape[1]"))
+    flat = jnp.where(valid[None, :, None], flat, 0.0)
+    upper = np.triu_indices(phi.shape[0], k=1)
+    pair_dist = _pairwise_sq_dist(flat)[upper]  # (L (L - 1) / 2, N)
+    median = jnp.nanmedian(jnp.where(valid[None, :], pair_dist, jnp.nan))
+    sq_norm = jnp.sum(jnp.square(flat), axis=-1)  # (L, N), zero on masked samples
+    mean_sq_norm = jnp.sum(sq_norm) / (phi.shape[0] * jnp.maximum(jnp.sum(valid), 1))
+    floor = jnp.maximum(min_ratio * mean_sq_norm, jnp.finfo(flat.dtype).tiny)
+    median = jnp.where(jnp.isnan(median), floor, jnp.maximum(median, floor))
+    return 1.0 / median
+
+
+def similarity_saturation(s: jax.Array, *, low: float = 0.01,
+                          high: float = 0.99) -> tuple[jax.Array, jax.Array]:
+    """Fractions of S's off-diagonal entries below `low` and above `high`.
+
+    Both ends kill the diversity term. Entries ~0: the learners are far apart on the kernel's
+    scale, S ~ I, det(S) ~ 1 and its gradient ~0 (the paper's gamma = 10 on ESR's attention
+    maps). Entries ~1: the learners coincide on that scale, det(S) ~ 0; for L >= 3 the
+    adjugate, and so the gradient, vanishes too. A live term has most entries in between.
+
+    Args:
+      s: (L, L) similarity matrix from `rbf_similarity`.
+
+    Returns:
+      (fraction below low, fraction above high) over the L (L - 1) / 2 entries above the
+      diagonal (S is symmetric); (0, 0) for L = 1.
+    """
+    s = jnp.asarray(s)
+    if s.ndim != 2 or s.shape[0] != s.shape[1]:
+        raise ValueError(f"s must be a square (L, L) matrix, got shape {s.shape}.")
+    upper = s[np.triu_indices(s.shape[0], k=1)]
+    if upper.size == 0:
+        zero = jnp.zeros((), s.dtype)
+        return zero, zero
+    return jnp.mean(upper < low).astype(s.dtype), jnp.mean(upper > high).astype(s.dtype)

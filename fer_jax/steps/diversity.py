@@ -9,7 +9,13 @@ Heidari & Iosifidis, *Learning diversified feature representations for FER in th
              D_sp / D_ch over the 4 local patches (mean over channels / over space), D_b over
              the pooled global and local features (`fer_jax.models.manet`); lam = 0.6.
 
-The paper's weights are all 1. With one learner (ESR-1, or the first stage of progressive
+The paper's weights are all 1. gamma of Eq. (1) follows `bandwidth`: 'median' (default: 1 / the
+batch's median squared distance between learners, so the term cannot saturate), 'fixed' (the
+paper's constant, 10 in the authors' code) or 'per_feature' (gamma / D); see `rbf_gamma` and
+docs/papers.md#diversity-gamma. Each step also reports per term its gamma and the fractions of
+off-diagonal S entries below 0.01 (S ~ I, det ~ 1) and above 0.99 (S ~ ones, det ~ 0), and
+`div_grad_norm`, the norm of the diversity term's gradient with respect to the compared
+features (0 when the term is dead). With one learner (ESR-1, or the first stage of progressive
 training) there is no diversity term: det of a 1x1 similarity matrix is the constant 1.
 
 The method is `client(...)`: a `SupervisedClient` over `federated_loss` (padded rows masked),
@@ -30,25 +36,87 @@ import optax
 from fer_jax import federated as fl
 from fer_jax import losses
 from fer_jax.data.augment import AugmentConfig
+from fer_jax.losses import diversity as div_losses
 from fer_jax.steps.supervised import image_apply, preprocess
 
-__all__ = ["client", "copy_branch", "esr_loss", "federated_loss", "group_scales", "make_loss",
-           "manet_loss", "predict", "predicted_classes", "scale_groups"]
+__all__ = ["BANDWIDTHS", "client", "copy_branch", "diversity_term", "esr_loss",
+           "federated_loss", "group_scales", "make_loss", "manet_loss", "predict",
+           "predicted_classes", "rbf_gamma", "scale_groups"]
 
 LossFn = Callable[..., tuple[jax.Array, dict]]
 
 
-def _diversity(phi: jax.Array, mask: jax.Array | None, *, gamma: float,
-               per_feature: bool) -> jax.Array:
-    """`losses.det_diversity` over the valid samples; per_feature scales gamma by 1 / D.
+BANDWIDTHS = ("median", "fixed", "per_feature")
 
-    per_feature=True uses gamma / D for D features per learner (the RBF of the *mean* squared
-    difference). Not in the paper: with Eq. (1)'s sum, gamma = 10 saturates det(S) at 1 (zero
-    gradient) for 36-pixel maps or 128-channel vectors whose entries differ by ~0.2-0.4.
+
+def rbf_gamma(phi: jax.Array, mask: jax.Array | None, *, rule: str, gamma: float):
+    """The RBF gamma of Eq. (1) for the (L, N, ...) features `phi` under `rule`.
+
+    fixed: `gamma` as given (the paper: 10). per_feature: gamma / D for D features per learner
+    (the RBF of the *mean* squared difference; not in the paper). median: 1 / the median
+    squared distance between learners in this batch (`losses.diversity.median_heuristic_gamma`,
+    no gradient), so S's off-diagonal entries sit around exp(-1) at any feature scale; `gamma`
+    is not used. With Eq. (1)'s sum, a fixed gamma = 10 saturates det(S) at 1 (zero gradient)
+    for 36-pixel maps or 128-channel vectors whose entries differ by ~0.2-0.4.
     """
-    if per_feature:
-        gamma = gamma / math.prod(phi.shape[2:])
-    return losses.det_diversity(phi, gamma=gamma, mask=mask)
+    if rule == "fixed":
+        return gamma
+    if rule == "per_feature":
+        return gamma / math.prod(phi.shape[2:])
+    if rule == "median":
+        return div_losses.median_heuristic_gamma(phi, mask=mask)
+    raise ValueError(f"bandwidth must be one of {BANDWIDTHS}, got {rule!r}")
+
+
+def diversity_term(phi: jax.Array, mask: jax.Array | None, *, name: str, weight: float,
+                   rule: str, gamma: float) -> tuple[jax.Array, dict, jax.Array]:
+    """D = det(S) (Eq. (1)-(2)) of one term with its monitoring scalars.
+
+    Returns (D, metrics, g2): metrics are `gamma_<name>` (the width used) and `s_lo_<name>` /
+    `s_hi_<name>` (fractions of off-diagonal S entries below 0.01 / above 0.99, see
+    `losses.diversity.similarity_saturation`); g2 = ||d (weight D) / d phi||^2, the squared
+    norm of the term's gradient with respect to the features it compares. Every path from the
+    term to the parameters runs through phi, so g2 = 0 means the term cannot train anything.
+    The metrics carry no gradient; the loss sees D only.
+    """
+    g = rbf_gamma(phi, mask, rule=rule, gamma=gamma)
+
+    def weighted_det(p):
+        return weight * jnp.linalg.det(div_losses.rbf_similarity(p, gamma=g, mask=mask))
+
+    # det(rbf_similarity) is losses.det_diversity with eps = 0; S is kept for the metrics.
+    s = div_losses.rbf_similarity(phi, gamma=g, mask=mask)
+    d = jnp.linalg.det(s)
+    grad = jax.grad(weighted_det)(jax.lax.stop_gradient(phi))
+    lo, hi = div_losses.similarity_saturation(jax.lax.stop_gradient(s))
+    metrics = {f"gamma_{name}": jax.lax.stop_gradient(jnp.asarray(g, jnp.float32)),
+               f"s_lo_{name}": lo, f"s_hi_{name}": hi}
+    return d, metrics, jnp.sum(jnp.square(grad))
+
+
+def _absent(name: str) -> dict:
+    zero = jnp.zeros((), jnp.float32)
+    return {f"d_{name}": zero, f"gamma_{name}": zero, f"s_lo_{name}": zero, f"s_hi_{name}": zero}
+
+
+def _diversities(terms: Mapping[str, tuple], mask, *, rule: str, gamma: float):
+    """sum_t w_t D_t over `terms` = {name: (weight, phi or None)}, and the per-term metrics.
+
+    A term with weight 0 or phi None is absent: D = 0 and all its metrics 0. `div_grad_norm`
+    is the norm of the whole diversity term's gradient with respect to the compared features.
+    """
+    total = jnp.zeros((), jnp.float32)
+    metrics, g2 = {}, jnp.zeros((), jnp.float32)
+    for name, (weight, phi) in terms.items():
+        metrics.update(_absent(name))
+        if weight and phi is not None:
+            d, m, g2_t = diversity_term(phi, mask, name=name, weight=weight, rule=rule,
+                                        gamma=gamma)
+            total = total + weight * d
+            metrics.update(m, **{f"d_{name}": d})
+            g2 = g2 + g2_t
+    metrics["div_grad_norm"] = jnp.sqrt(g2)
+    return total, metrics
 
 
 def _ce(logits, labels, mask):
@@ -56,57 +124,52 @@ def _ce(logits, labels, mask):
 
 
 def esr_loss(out: Mapping, labels: jax.Array, mask: jax.Array | None = None, *,
-             gamma: float, spatial_weight: float = 1.0, channel_weight: float = 1.0,
-             per_feature: bool = False):
+             gamma: float = 10.0, bandwidth: str = "median", spatial_weight: float = 1.0,
+             channel_weight: float = 1.0):
     """Eq. (4): sum of the active branches' CE minus the weighted attention diversities.
 
     `out` is an `ESR` output. Diversity needs CBAM maps and >= 2 active branches; otherwise
-    (and for zero weights) the term is absent and reported as 0.
+    (and for zero weights) the term is absent and reported as 0. `bandwidth` picks gamma (see
+    `rbf_gamma`); the parts add each term's monitoring scalars (see `diversity_term`).
     """
     branch_logits = out["branch_logits"]
     ce = sum(_ce(branch_logits[b], labels, mask) for b in range(branch_logits.shape[0]))
-    zero = jnp.zeros((), jnp.float32)
-    d_sp = d_ch = zero
     att = out.get("attention")
-    if att is not None and branch_logits.shape[0] >= 2:
-        if spatial_weight:
-            d_sp = _diversity(att["spatial"], mask, gamma=gamma, per_feature=per_feature)
-        if channel_weight:
-            d_ch = _diversity(att["channel"], mask, gamma=gamma, per_feature=per_feature)
-    loss = ce - (spatial_weight * d_sp + channel_weight * d_ch)
-    return loss, {"ce": ce, "d_sp": d_sp, "d_ch": d_ch}
+    live = att is not None and branch_logits.shape[0] >= 2
+    div, parts = _diversities(
+        {"sp": (spatial_weight, att["spatial"] if live else None),
+         "ch": (channel_weight, att["channel"] if live else None)},
+        mask, rule=bandwidth, gamma=gamma)
+    return ce - div, {"ce": ce, **parts}
 
 
 def manet_loss(out: Mapping, labels: jax.Array, mask: jax.Array | None = None, *,
-               gamma: float, local_weight: float = 0.6, branch_weight: float = 1.0,
-               spatial_weight: float = 1.0, channel_weight: float = 1.0,
-               per_feature: bool = False):
+               gamma: float = 10.0, bandwidth: str = "median", local_weight: float = 0.6,
+               branch_weight: float = 1.0, spatial_weight: float = 1.0,
+               channel_weight: float = 1.0):
     """Eq. (5) for a `MANet` output: weighted local/global CE minus branch and patch diversity."""
     ce_local = _ce(out["local_logits"], labels, mask)
     ce_global = _ce(out["global_logits"], labels, mask)
     patches = out["patch_features"]  # (P, N, h, w, C)
-    zero = jnp.zeros((), jnp.float32)
-    det = functools.partial(_diversity, mask=mask, gamma=gamma, per_feature=per_feature)
-    d_sp = det(losses.spatial_pool(patches)) if spatial_weight else zero
-    d_ch = det(losses.channel_pool(patches)) if channel_weight else zero
-    d_b = det(jnp.stack([out["global_embedding"], out["local_embedding"]])) if branch_weight \
-        else zero
+    div, parts = _diversities(
+        {"b": (branch_weight, jnp.stack([out["global_embedding"], out["local_embedding"]])),
+         "sp": (spatial_weight, losses.spatial_pool(patches)),
+         "ch": (channel_weight, losses.channel_pool(patches))},
+        mask, rule=bandwidth, gamma=gamma)
     ce = local_weight * ce_local + (1.0 - local_weight) * ce_global
-    loss = ce - (branch_weight * d_b + spatial_weight * d_sp + channel_weight * d_ch)
-    return loss, {"ce": ce, "ce_local": ce_local, "ce_global": ce_global, "d_b": d_b,
-                  "d_sp": d_sp, "d_ch": d_ch}
+    return ce - div, {"ce": ce, "ce_local": ce_local, "ce_global": ce_global, **parts}
 
 
 def make_loss(model_name: str, diversity) -> LossFn:
     """The loss of `model_name` ('esr' | 'manet') with the weights of a config's `diversity`."""
     if model_name == "esr":
         return functools.partial(esr_loss, gamma=diversity.gamma,
-                                 per_feature=diversity.gamma_per_feature,
+                                 bandwidth=diversity.bandwidth,
                                  spatial_weight=diversity.spatial_weight,
                                  channel_weight=diversity.channel_weight)
     if model_name == "manet":
         return functools.partial(manet_loss, gamma=diversity.gamma,
-                                 per_feature=diversity.gamma_per_feature,
+                                 bandwidth=diversity.bandwidth,
                                  local_weight=diversity.local_weight,
                                  branch_weight=diversity.branch_weight,
                                  spatial_weight=diversity.spatial_weight,
