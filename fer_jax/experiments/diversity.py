@@ -54,8 +54,11 @@ def validate_config(config) -> None:
     if config.model.name == "esr" and model.padding == "valid":
         check(config.data.image_size >= 54, "data.image_size",
               ">= 54 for ESR's unpadded layout (or model.kwargs.padding='same')")
+    federated = config.mode == "federated"
     div = config.diversity
+    check(div.bandwidth in steps.BANDWIDTHS, "diversity.bandwidth", f"one of {steps.BANDWIDTHS}")
     check(div.gamma >= 0, "diversity.gamma", ">= 0")
+    check(div.warn_saturated_steps >= 0, "diversity.warn_saturated_steps", ">= 0 (0 = never)")
     for name in ("spatial_weight", "channel_weight", "branch_weight"):
         if name in div:
             check(div[name] >= 0, f"diversity.{name}", ">= 0 (the loss subtracts w * det(S))")
@@ -66,11 +69,13 @@ def validate_config(config) -> None:
               f"one of {NEW_BRANCH_INITS}")
         check(config.esr.base_lr_scale >= 0, "esr.base_lr_scale", ">= 0")
         check(config.esr.old_branch_lr_scale >= 0, "esr.old_branch_lr_scale", ">= 0")
+        if config.esr.restart_schedule and not federated:
+            check(config.esr.progressive, "esr.restart_schedule",
+                  "False unless esr.progressive (the schedule restarts at each stage)")
         if model.num_branches == 1:
             warnings.warn("ESR with num_branches=1: there is no diversity term (det of a 1x1 "
                           "similarity matrix is the constant 1), so diversity.* has no effect; "
                           "training plain cross entropy", stacklevel=2)
-    federated = config.mode == "federated"
     if (config.fed.batch_size if federated else config.train.batch_size) == 1:
         warnings.warn("batch size 1: the diversity similarities S_lk average over one sample and "
                       "BatchNorm normalises over one image's pixels only", stacklevel=2)
@@ -94,6 +99,70 @@ def client(config, model, optimizer, *, num_active: int | None = None,
         image_size=config.data.image_size, channels=config.data.channels,
         augment=AugmentConfig(**config.augment), num_active=num_active, scales=scales,
         prox_mu=config.fed.prox_mu if config.mode == "federated" else 0.0)
+
+
+def stage_schedule(schedule, total_steps: int, num_stages: int):
+    """`schedule` restarted at the first step of every progressive stage (see active_branches).
+
+    Stage b (0-based) starts at ceil(b T / B); the returned function takes the optimizer's
+    global step count and gives schedule(count - start of its stage).
+    """
+
+    def lr(count):
+        stage = jnp.minimum(count * num_stages // max(total_steps, 1), num_stages - 1)
+        start = (stage * total_steps + num_stages - 1) // num_stages
+        return schedule(count - start)
+
+    return lr
+
+
+class SaturationWatch:
+    """Stands in for `run.writer`: writes every line, and warns when a diversity term is dead.
+
+    Each training log line holds, per term t, the window means `train/s_lo_t` and `train/s_hi_t`
+    (fractions of S's off-diagonal entries below 0.01 / above 0.99). When their sum is >=
+    `threshold` on consecutive log lines spanning >= `patience` steps (rounds in federated runs),
+    one absl warning names the term, the end it is stuck at and the gradient norm; the streak
+    restarts when the term recovers. `warnings` keeps the messages (eval.json's
+    `saturation_warnings`).
+    """
+
+    def __init__(self, writer, patience: int, threshold: float = 0.95):
+        self._writer, self.patience, self.threshold = writer, patience, threshold
+        self._start: dict[str, int] = {}  # term -> the step its saturated streak began after
+        self._last = 0  # step of the previous training log line
+        self.warnings: list[str] = []
+
+    def __getattr__(self, name):
+        return getattr(self._writer, name)
+
+    def write(self, step: int, metrics: dict) -> None:
+        self.observe(step, metrics)
+        self._writer.write(step, metrics)
+
+    def observe(self, step: int, metrics: dict) -> None:
+        prefix = "train/s_lo_"
+        terms = [k[len(prefix):] for k in metrics if k.startswith(prefix)]
+        for t in terms:
+            lo, hi = metrics[prefix + t], metrics.get(f"train/s_hi_{t}", 0.0)
+            if lo + hi < self.threshold:
+                self._start.pop(t, None)
+                continue
+            start = self._start.setdefault(t, self._last)
+            if start is not None and step - start >= self.patience:
+                self._start[t] = None  # Warned: quiet until the term recovers.
+                end = ("< 0.01 (S ~ I, det(S) ~ 1: learners far apart for this gamma; "
+                       "diversity.bandwidth='median' or a smaller gamma)" if lo >= hi else
+                       "> 0.99 (S ~ all ones, det(S) ~ 0: learners coincide for this gamma; "
+                       "diversity.bandwidth='median' or a larger gamma)")
+                message = (f"diversity term d_{t} saturated for steps {start}-{step}: "
+                           f"{100 * max(lo, hi):.0f}% of off-diagonal S entries {end}; "
+                           f"d_{t} = {metrics.get(f'train/d_{t}', float('nan')):.4f}, gradient "
+                           f"norm {metrics.get('train/div_grad_norm', float('nan')):.3g}")
+                logging.warning("%s", message)
+                self.warnings.append(message)
+        if terms:
+            self._last = step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,6 +211,9 @@ def _predict(variables, images, *, model, num_active, image_size, channels):
 def run(config, workdir: str) -> dict:
     centralized = config.mode == "centralized"
     run = Run(config, workdir)
+    watch = None
+    if config.diversity.warn_saturated_steps:
+        run.writer = watch = SaturationWatch(run.writer, config.diversity.warn_saturated_steps)
     dataset, train, test, val = run.load_data()
     model = build_model(config, dataset.num_classes)
     is_esr = isinstance(model, ESR)
@@ -169,8 +241,18 @@ def run(config, workdir: str) -> dict:
     if centralized:
         order = loops.PooledOrder(len(train), config.train.batch_size, config.seed)
         total = config.train.num_steps or int(config.train.num_epochs * order.steps_per_epoch)
-        tx = optim.make_optimizer(config.train, total, order.steps_per_epoch)
         progressive = is_esr and config.esr.progressive
+        if progressive and config.esr.restart_schedule:
+            # Each stage runs the schedule from its start, as a fresh optimizer per branch does
+            # in the ESR code (StepLR created again for every branch).
+            num_stages = model.num_branches
+            lr = stage_schedule(
+                optim.schedule(config.train, -(-total // num_stages), order.steps_per_epoch),
+                total, num_stages)
+            tx = optim.make_optimizer(config.train, total, order.steps_per_epoch,
+                                      learning_rate=lr)
+        else:
+            tx = optim.make_optimizer(config.train, total, order.steps_per_epoch)
 
         def stage(step):
             return active_branches(step, total, model.num_branches if is_esr else 1, progressive)
@@ -179,8 +261,10 @@ def run(config, workdir: str) -> dict:
         def stage_client(b):
             if not progressive:
                 return client(config, model, tx, num_active=b if is_esr else None)
+            # The base trains at full rate with the first branch (stage 1), then at
+            # esr.base_lr_scale (the ESR code: 0.1, then 0.02 once a second branch exists).
             return client(config, model, tx, num_active=b, scales=steps.group_scales(
-                model.num_branches, b, base=config.esr.base_lr_scale,
+                model.num_branches, b, base=config.esr.base_lr_scale if b > 1 else 1.0,
                 old_branches=config.esr.old_branch_lr_scale))
 
         def on_switch(state, step):
@@ -223,6 +307,8 @@ def run(config, workdir: str) -> dict:
                                       f"({config.data.eval_split}): "
                                       f"acc {results['test']['accuracy']:.3f}")
     results.update(confusion_matrix=cm.tolist(), class_names=list(dataset.class_names))
+    if watch is not None:
+        results["saturation_warnings"] = watch.warnings
     branches = {k: v for k, v in results["test"].items() if k.endswith("accuracy")}
     logging.info("%s accuracies %s", config.data.eval_split, branches)
     return run.finish(results, metric=f"{config.data.eval_split} accuracy",
