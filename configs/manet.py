@@ -11,7 +11,7 @@ FER-2013 (7 classes), federated over 100 Dirichlet(0.5) clients:
 Loss: local_weight * CE_local + (1 - local_weight) * CE_global
       - (branch_weight D_b + spatial_weight D_sp + channel_weight D_ch), paper: 0.6 and 1s.
 Arguments: runlocal, data=synthetic|fer2013|ferplus|ckplus48, mode=centralized|federated,
-width=ResNet width.
+width=ResNet width, recipe=adamw|paper (MA-Net's SGD 0.01, momentum 0.9, x0.1 every 15 epochs).
 """
 
 import ml_collections
@@ -21,10 +21,13 @@ from configs.esr import base_config
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, runlocal=False, data="synthetic", mode="centralized", width=0)
+    arg = common.parse_arg(arg, runlocal=False, data="synthetic", mode="centralized", width=0,
+                           recipe="adamw")
     config = base_config(arg, model="manet")
     # 48x48 gray with the 'small' ResNet stem: the 4 patches of the 24x24 stage-2 map are 12x12.
     config.data.image_size, config.data.channels = 48, 1
+    if arg.runlocal:
+        config.data.image_size = 32  # 8x8 patches; halves the step time of the smoke run.
     config.model.kwargs = ml_collections.ConfigDict(dict(
         width=arg.width or (8 if arg.runlocal else 64), stem="small",
         norm="none" if arg.mode == "federated" else "batch"))
