@@ -30,8 +30,11 @@ def _final_params(workdir):
 @pytest.mark.parametrize("overrides,message", [
     ({"model.name": "resnet18"}, "config.model.name='resnet18': expected one of"),
     ({"diversity.gamma": -1.0}, "config.diversity.gamma=-1.0"),
+    ({"diversity.bandwidth": "silverman"}, "config.diversity.bandwidth='silverman'"),
+    ({"esr.restart_schedule": True}, "config.esr.restart_schedule=True"),
+    ({"train.schedule": "cosine_restarts"}, "config.train.schedule='cosine_restarts'"),
     ({"diversity.spatial_weight": -1.0}, "config.diversity.spatial_weight=-1.0"),
-    ({"model.kwargs.padding": "valid"}, "config.data.image_size=48: expected >= 54"),
+    ({"model.kwargs.padding": "valid"}, "config.data.image_size=32: expected >= 54"),
     ({"model.kwargs.width": 0.0}, "width must be > 0"),
     ({"esr.new_branch_init": "clone"}, "config.esr.new_branch_init='clone'"),
     ({"train.optimizer": "rmsprop"}, "config.train.optimizer='rmsprop'"),
@@ -82,6 +85,11 @@ def test_config_arguments(make_config):
         diversity.validate_config(make_config(name, arg))
     with pytest.raises(ValueError, match="size=64"):
         make_config("esr", "size=64")
+    c = make_config("esr", "runlocal")  # One compile: all branches from step 1, 32x32.
+    assert (c.data.image_size, c.esr.progressive, c.diversity.bandwidth) == (32, False, "median")
+    assert make_config("esr", None).esr.progressive
+    diversity.validate_config(make_config("esr", "recipe=paper"))
+    diversity.validate_config(make_config("manet", "runlocal,recipe=paper"))
     with pytest.raises(ValueError, match="unknown config argument 'bogus'"):
         make_config("manet", "bogus")
     sweep = __import__("configs.esr", fromlist=["get_sweep"]).get_sweep()
@@ -93,7 +101,7 @@ def test_esr_runlocal_end_to_end(tmp_path, make_config):
     """configs/esr.py:runlocal through the driver: progressive ESR-2, outputs, early exits."""
     from fer_jax.io.metrics import read_jsonl
 
-    config = make_config("esr", "runlocal", **{**TINY,
+    config = make_config("esr", "runlocal", **{**TINY, "esr.progressive": True,
         "train.num_steps": 8, "model.kwargs.num_branches": 2, "model.kwargs.width": 0.125})
     diversity.validate_config(config)
     results = diversity.run(config, str(tmp_path))
@@ -101,7 +109,10 @@ def test_esr_runlocal_end_to_end(tmp_path, make_config):
         assert (tmp_path / name).is_file(), name
     train = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r]
     assert [(r["step"], r["train/active_branches"]) for r in train] == [(4, 1), (8, 2)]
-    assert train[0]["train/d_sp"] == 0.0 and 0.0 < train[1]["train/d_sp"] <= 1.0
+    assert train[0]["train/d_sp"] == 0.0 and 0.0 < train[1]["train/d_sp"] < 1.0
+    # The default bandwidth (median) keeps the term live: a gradient, S off both ends.
+    assert train[1]["train/div_grad_norm"] > 0.0
+    assert train[1]["train/s_lo_sp"] < 1.0 and train[1]["train/s_hi_sp"] < 1.0
     assert np.isfinite([r["train/loss"] for r in train]).all()
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert len(saved["test"]["branch_accuracy"]) == 2
@@ -113,7 +124,7 @@ def test_esr_runlocal_end_to_end(tmp_path, make_config):
 def test_esr_runlocal_end_to_end_and_exact_resume(tmp_path, make_config):
     from fer_jax.io.metrics import read_jsonl
 
-    config = make_config("esr", "runlocal", **{**TINY,
+    config = make_config("esr", "runlocal", **{**TINY, "esr.progressive": True,
         "train.num_steps": 12, "model.kwargs.num_branches": 2, "model.kwargs.width": 0.125,
         "esr.new_branch_init": "copy", "esr.old_branch_lr_scale": 0.2,
         "checkpoint_every_steps": 6})

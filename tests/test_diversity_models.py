@@ -112,6 +112,7 @@ def test_esr_outputs_shapes_at_96_valid_and_48_same():
     assert out["attention"]["spatial"].shape == (2, 3, 6, 6)
 
 
+@pytest.mark.slow  # 30-55 s: three ESR-3 compiles.
 def test_esr_prefix_of_branches_equals_the_full_run_and_batch_of_one_trains():
     # 24x24 'same' keeps the test small: base 24 -> 6, branch 6 -> 3.
     m = ESR(8, num_branches=3, padding="same", width=0.125)

@@ -38,8 +38,8 @@ def _esr_out(key, b=3, n=5, c=16, hw=4, k=8):
 def test_esr_loss_is_sum_of_branch_ce_minus_the_diversities():
     out = _esr_out(jax.random.PRNGKey(0))
     labels = jnp.array([0, 3, 7, 1, 1])
-    loss, parts = steps.esr_loss(out, labels, gamma=0.5, spatial_weight=1.0,
-                                 channel_weight=0.5)
+    loss, parts = jax.jit(functools.partial(steps.esr_loss, gamma=0.5, bandwidth="fixed",
+                                            spatial_weight=1.0, channel_weight=0.5))(out, labels)
     ce = sum(_np_ce(out["branch_logits"][b], np.asarray(labels)) for b in range(3))
     d_sp = _np_det_diversity(out["attention"]["spatial"], 0.5)
     d_ch = _np_det_diversity(out["attention"]["channel"], 0.5)
@@ -60,8 +60,9 @@ def test_diversity_is_zero_for_identical_branches_and_rises_as_maps_separate():
         spatial = base + t * offsets  # t = 0: four identical branches
         out = {"branch_logits": jnp.zeros((4, 8, 8)),
                "attention": {"spatial": spatial, "channel": jnp.ones((4, 8, 3))}}
-        return steps.esr_loss(out, labels, gamma=1.0, channel_weight=0.0)
+        return steps.esr_loss(out, labels, gamma=1.0, bandwidth="fixed", channel_weight=0.0)
 
+    loss_at = jax.jit(loss_at)
     values = [float(loss_at(t)[1]["d_sp"]) for t in (0.0, 0.02, 0.05, 0.1, 0.2)]
     assert values[0] == 0.0
     assert all(b > a for a, b in zip(values, values[1:], strict=False)), values
@@ -70,10 +71,10 @@ def test_diversity_is_zero_for_identical_branches_and_rises_as_maps_separate():
     # Gradients w.r.t. the maps are finite at identical and at separated branches, and the
     # loss decreases as the branches separate (it subtracts D).
     for t in (0.0, 0.05):
-        g = jax.grad(lambda s, t=t: steps.esr_loss(
+        g = jax.jit(jax.grad(lambda s, t=t: steps.esr_loss(
             {"branch_logits": jnp.zeros((4, 8, 8)),
              "attention": {"spatial": s, "channel": jnp.ones((4, 8, 3))}},
-            labels, gamma=1.0, channel_weight=0.0)[0])(base + t * offsets)
+            labels, gamma=1.0, bandwidth="fixed", channel_weight=0.0)[0]))(base + t * offsets)
         assert np.isfinite(np.asarray(g)).all()
     assert float(loss_at(0.2)[0]) < float(loss_at(0.0)[0])
 
@@ -96,7 +97,8 @@ def test_manet_loss_matches_eq5():
            "global_embedding": jax.random.normal(k[3], (6, 10)),
            "local_embedding": jax.random.normal(k[4], (6, 10))}
     labels = jnp.array([0, 1, 2, 3, 4, 5])
-    loss, parts = steps.manet_loss(out, labels, gamma=0.1)
+    loss, parts = jax.jit(functools.partial(steps.manet_loss, gamma=0.1, bandwidth="fixed"))(
+        out, labels)
     lab = np.asarray(labels)
     ce = 0.6 * _np_ce(out["local_logits"], lab) + 0.4 * _np_ce(out["global_logits"], lab)
     p = np.asarray(patches, np.float64)
@@ -157,9 +159,10 @@ def _batch(n, seed=0):
             "label": rng.integers(0, 8, (n,)).astype(np.int32)}
 
 
+@pytest.mark.slow  # 30-55 s: compiles an ESR-2 train step.
 def test_jitted_step_with_progressive_stage_freezes_inactive_branches(tiny_esr):
     model, tx, variables = tiny_esr
-    loss_fn = functools.partial(steps.esr_loss, gamma=10.0)
+    loss_fn = functools.partial(steps.esr_loss, gamma=10.0, bandwidth="fixed")
     method = steps.client(model, tx, loss_fn, image_size=S, channels=1, augment=None,
                           num_active=1, scales=steps.group_scales(2, 1))
     trainable = (True,) * len(jax.tree.leaves(variables))
@@ -176,6 +179,7 @@ def test_jitted_step_with_progressive_stage_freezes_inactive_branches(tiny_esr):
     assert float(m["count"]) == 4 and np.isfinite(float(m["loss_sum"]))
 
 
+@pytest.mark.slow  # 30-55 s: compiles the Jacobian of an ESR-2.
 def test_diversity_gradient_is_finite_and_reaches_the_convs_with_a_batch_of_one(tiny_esr):
     """d(D_sp + D_ch)/d params for a batch of ONE image: finite, nonzero on the convs and CBAM,
     exactly zero on the classifiers (they are not on the attention maps' path)."""
@@ -185,7 +189,7 @@ def test_diversity_gradient_is_finite_and_reaches_the_convs_with_a_batch_of_one(
     def parts(params):
         x = steps.preprocess(batch["image"], image_size=S, channels=1)
         out = model.apply({"params": params}, x, train=True)
-        _, p = steps.esr_loss(out, batch["label"], gamma=1.0, per_feature=True)
+        _, p = steps.esr_loss(out, batch["label"], gamma=1.0, bandwidth="per_feature")
         return jnp.stack([p["ce"], p["d_sp"] + p["d_ch"]])
 
     # One compile: the values and the Jacobian rows of [CE, D_sp + D_ch].
@@ -201,12 +205,13 @@ def test_diversity_gradient_is_finite_and_reaches_the_convs_with_a_batch_of_one(
         assert float(optax.global_norm(g_ce[b]["fc"])) > 0
 
 
+@pytest.mark.slow  # ~50 s: the tiny_esr fixture's init compile, then the loss's.
 def test_federated_loss_masks_padding(tiny_esr):
     model, _, variables = tiny_esr  # GroupNorm: per example, as federated clients use.
     loss_fn = steps.federated_loss(
         lambda v, images, **kw: model.apply(
             v, steps.preprocess(images, image_size=S, channels=1), **kw),
-        functools.partial(steps.esr_loss, gamma=1.0))
+        functools.partial(steps.esr_loss, gamma=1.0, bandwidth="fixed"))
     batch = _batch(4, seed=2)
     mask = jnp.array([True, True, True, False])
     # A different padded row (image and label) must change neither the CE nor the diversity.
