@@ -22,7 +22,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from fer_jax.data import classes as classes_lib
-from fer_jax.data import tfds_builders, types
+from fer_jax.data import readers, tfds_builders, types
 
 CKPLUS48_FOLDER = "CK+48"
 CKPLUS48_SHAPE = (48, 48, 1)
@@ -46,14 +46,15 @@ class ImageFolder:
 
 
 def read_image(path, *, image_size=None, channels: int = 1) -> np.ndarray:
-    """One image file as (H, W, channels) uint8, resized (bilinear) to `image_size` if given."""
+    """One image file as (H, W, channels) uint8, resized (bilinear) to `image_size` if given.
+
+    Decoded by `readers.decode_image` (its rules for 16-bit, CMYK, palette and alpha; a file it
+    cannot decode raises ValueError naming it), then made gray with PIL's BT.601 luma.
+    """
     if channels not in _MODES:
         raise ValueError(f"channels={channels}; expected 1 (gray) or 3 (RGB)")
-    try:
-        with Image.open(path) as im:
-            im = im.convert(_MODES[channels])  # convert() forces a full decode inside the try.
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
+    rgb, _ = readers.decode_image(path)
+    im = Image.fromarray(rgb).convert(_MODES[channels])
     if image_size is not None:
         h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
         if im.size != (w, h):

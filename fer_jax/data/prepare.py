@@ -220,8 +220,8 @@ def records_from_index(index: readers.Index, report: Report, *,
     for e in index.entries:
         try:
             rgb, mode = readers.decode_image(e.path)
-        except ValueError as err:
-            report.drop("read", readers.UNREADABLE, str(e.path), str(err).split(": ", 1)[-1])
+        except readers.ImageError as err:
+            report.drop("read", err.reason, str(e.path), str(err).split(": ", 1)[-1])
             continue
         if crop_to_box and e.box is not None:
             x, y, w, h = (int(round(v)) for v in e.box)

@@ -31,6 +31,7 @@ import csv
 import dataclasses
 import pathlib
 import re
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -45,6 +46,16 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".g
 # Reasons a file never becomes an example; the prepare report counts them under these names.
 NOT_IMAGE, MISSING, NO_LABEL, UNREADABLE = ("not_image", "missing_file", "no_expression_label",
                                             "unreadable")
+EMPTY, TOO_LARGE = "empty_file", "too_large"
+# What each reason means, for messages that name a rejected file.
+REASONS = {
+    NOT_IMAGE: "not an image PIL recognises, and its suffix promises none",
+    UNREADABLE: "named or recognised as an image, but PIL cannot read it",
+    EMPTY: "a file of 0 bytes",
+    TOO_LARGE: "more pixels than PIL.Image.MAX_IMAGE_PIXELS, PIL's decompression-bomb guard",
+    MISSING: "listed by the dataset's label file but absent",
+    NO_LABEL: "labelled none / uncertain / non-face by the dataset",
+}
 
 AFFWILD2_CLASSES = ("anger", "disgust", "fear", "happiness", "sadness", "surprise")
 RAFDB_LABELS = {1: "surprise", 2: "fear", 3: "disgust", 4: "happiness", 5: "sadness",
@@ -87,31 +98,66 @@ class Index:
 # ------------------------------------------------------------------------------ decoding.
 
 
+class ImageError(ValueError):
+    """A file that gives no image; the message names it, `reason` is one of REASONS' keys."""
+
+    def __init__(self, message: str, reason: str = UNREADABLE):
+        super().__init__(message)
+        self.reason = reason
+
+
+def open_image(path) -> Image.Image:
+    """PIL's lazy `Image.open` (header only) with errors a person can act on: ImageError naming
+    the file for an empty file, content PIL does not recognise, or an image larger than
+    `Image.MAX_IMAGE_PIXELS` (PIL only warns up to twice that; a face image is far smaller, so
+    both count as too large here, before any pixel is decoded)."""
+    path = pathlib.Path(path)
+    if path.stat().st_size == 0:
+        raise ImageError(f"{path}: empty file (0 bytes); expected an image", EMPTY)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{path}: image too large to decode ({e}); expected at most "
+                         f"PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} pixels (raise "
+                         "it if you trust the file)", TOO_LARGE) from e
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ImageError(f"{path}: cannot decode image ({type(e).__name__}: {e}); expected an "
+                         "image file PIL reads (png, jpg, bmp, gif, tiff, webp, ...)") from e
+
+
 def decode_image(path) -> tuple[np.ndarray, str]:
     """An image file as (H, W, 3) uint8 RGB plus the file's PIL mode, with fixed rules (an
     animated GIF or multi-page TIFF gives its first frame):
     gray / palette / bilevel are replicated to RGB, alpha is dropped (PIL's convert('RGB')),
-    16-bit is mapped linearly [0, 65535] -> [0, 255] (PIL's convert would clip it to white).
-    Raises ValueError naming the file when it cannot be decoded or has float pixels."""
-    try:
-        with Image.open(path) as im:
-            mode = im.mode
+    CMYK becomes R = (255 - C)(255 - K) / 255 (PIL's convert('RGB'), also for Adobe's inverted
+    CMYK JPEGs), 16-bit is mapped linearly [0, 65535] -> [0, 255] (PIL's convert would clip it to
+    white). Raises ImageError (a ValueError) naming the file when it is empty, too large,
+    truncated or otherwise undecodable, or has float pixels."""
+    with open_image(path) as im:
+        mode = im.mode
+        if mode == "F":
+            raise ImageError(f"{path}: mode F (32-bit float) pixels; expected an 8-bit or "
+                             "16-bit integer image (their scale, 0..1 or 0..255, is unknown)")
+        try:
             if mode.startswith("I;16") or mode == "I":
                 raw = np.asarray(im)  # Forces the decode inside the try.
             else:
                 raw = np.asarray(im.convert("RGB"))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
+        except (OSError, ValueError, SyntaxError) as e:
+            raise ImageError(f"{path}: cannot decode image ({type(e).__name__}: {e}); expected "
+                             f"a complete {im.format or 'image'} file") from e
     if mode.startswith("I;16") or mode == "I":
         # 32-bit 'I' is how PIL opens some 16-bit files; values beyond 16 bits are not ours to map.
         if raw.min() < 0 or raw.max() > 65535:
-            raise ValueError(f"{path}: {mode} pixels span [{raw.min()}, {raw.max()}]; expected "
+            raise ImageError(f"{path}: {mode} pixels span [{raw.min()}, {raw.max()}]; expected "
                              "8-bit or 16-bit unsigned values")
         raw = raw.astype(np.uint16)
         raw = ((raw.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
         raw = np.repeat(raw.reshape(*raw.shape[:2], 1), 3, axis=2)
     if raw.ndim != 3 or raw.shape[2] != 3 or min(raw.shape[:2]) < 1:
-        raise ValueError(f"{path}: decoded to shape {raw.shape}; expected (H, W, 3)")
+        raise ImageError(f"{path}: decoded to shape {raw.shape}; expected (H, W, 3)")
     return np.ascontiguousarray(raw), mode
 
 
@@ -128,13 +174,16 @@ def resize_rgb(image: np.ndarray, size: int, *, channels: int = 3) -> np.ndarray
 
 def sniff_image(path) -> str | None:
     """None when PIL recognises the file's content as an image (it reads the header only), else
-    the reason it is no example: UNREADABLE for a name with an image suffix, NOT_IMAGE otherwise.
+    the reason it is no example: EMPTY for 0 bytes, TOO_LARGE past the decompression-bomb guard,
+    UNREADABLE for a name with an image suffix, NOT_IMAGE otherwise.
     A truncated file with a valid header passes here and fails in `decode_image`."""
     path = pathlib.Path(path)
     try:
-        with Image.open(path):
+        with open_image(path):
             return None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except ImageError as e:
+        if e.reason != UNREADABLE:
+            return e.reason
         return UNREADABLE if path.suffix.lower() in IMAGE_SUFFIXES else NOT_IMAGE
 
 
@@ -376,8 +425,10 @@ def load_index(index: Index, *, image_size: int = 96, channels: int = 3,
     """
     if index.rejected:
         path, reason = index.rejected[0]
-        raise ValueError(f"{path}: {reason} ({len(index.rejected)} such files in {index.name}; "
-                         "the prepare command counts and skips them instead)")
+        raise ValueError(f"{path}: {reason} ({REASONS.get(reason, reason)}); {index.name} has "
+                         f"{len(index.rejected)} files that are no examples: "
+                         f"{rejection_summary(index.rejected)}. Remove them, or use the prepare "
+                         "command, which counts and skips them")
     class_names = index.class_names
     by_split: dict[str, list[int]] = {}
     for i, e in enumerate(index.entries):
