@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import gzip
 import pathlib
+import zlib
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -65,10 +66,30 @@ def find_files(manual_dir) -> tuple[pathlib.Path, pathlib.Path | None]:
 
 
 def _open_text(path: pathlib.Path):
-    # newline='' lets the csv module see the raw line ends, as its docs require.
+    # newline='' lets the csv module see the raw line ends, as its docs require; utf-8-sig reads
+    # ASCII (Kaggle's files) and a csv re-saved by a spreadsheet (UTF-8 with a byte-order mark).
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", newline="", encoding="ascii")
-    return open(path, newline="", encoding="ascii")
+        return gzip.open(path, "rt", newline="", encoding="utf-8-sig")
+    return open(path, newline="", encoding="utf-8-sig")
+
+
+def _csv_rows(path: pathlib.Path):
+    """Yields (line number, fields) for every non-blank line of a csv (plain or gzip). A file
+    that is not readable text (binary, corrupt or truncated gzip) raises ValueError naming the
+    file and the line reached, never a codec or gzip traceback."""
+    kind = "gzip-compressed UTF-8 text" if path.suffix == ".gz" else "UTF-8 text"
+    with _open_text(path) as f:
+        reader = csv.reader(f)
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except (UnicodeDecodeError, OSError, EOFError, zlib.error, csv.Error) as e:
+                raise ValueError(f"{path} line {reader.line_num + 1}: cannot read "
+                                 f"({type(e).__name__}: {e}); expected {kind}") from e
+            if row:  # A blank line holds no example.
+                yield reader.line_num, row
 
 
 def _parse_pixels(text: str, where: str) -> np.ndarray:
@@ -93,30 +114,38 @@ def _parse_pixels(text: str, where: str) -> np.ndarray:
 def read_csv(path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Parses a Kaggle fer2013.csv(.gz): images (N,48,48,1) uint8, codes (N,) int32, usage (N,).
 
-    Every row is validated; an error names the file, the 0-based data row and the csv line.
+    Columns are found by name (any order, blanks around names ignored); blank lines are skipped.
+    Every row is validated; an error names the file, the 0-based data row, the csv line and
+    the field.
     """
     path = pathlib.Path(path)
     images, codes, usage = [], [], []
-    with _open_text(path) as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or tuple(h.strip() for h in header) != HEADER:
-            raise ValueError(f"{path}: expected the header {','.join(HEADER)}, got {header}")
-        for row in reader:
-            where = f"{path} data row {len(images)} (line {reader.line_num})"
-            if len(row) != 3:
-                raise ValueError(f"{where}: expected 3 fields {','.join(HEADER)}, got {len(row)} "
-                                 "(truncated or malformed row?)")
-            emotion, pixels, use = row
-            if emotion.strip() not in {str(c) for c in range(len(FER2013_CODING))}:
-                raise ValueError(f"{where}: field 'emotion' must be an integer 0..6, "
-                                 f"got {emotion!r}")
-            if use not in USAGE_TO_SPLIT:
-                raise ValueError(f"{where}: field 'Usage' must be one of {list(USAGE_TO_SPLIT)}, "
-                                 f"got {use!r}")
-            images.append(_parse_pixels(pixels, where))
-            codes.append(int(emotion))
-            usage.append(use)
+    rows = _csv_rows(path)
+    _, header = next(rows, (0, None))
+    if header is None:
+        raise ValueError(f"{path}: file is empty; expected the header {','.join(HEADER)} and "
+                         "one row per image")
+    names = [h.strip() for h in header]
+    missing = [c for c in HEADER if c not in names]
+    if missing:
+        raise ValueError(f"{path}: header lacks column(s) {missing}; expected the header "
+                         f"{','.join(HEADER)} (any order), got {header}")
+    col = {c: names.index(c) for c in HEADER}
+    for line, row in rows:
+        where = f"{path} data row {len(images)} (line {line})"
+        if len(row) != len(header):
+            raise ValueError(f"{where}: expected {len(header)} fields {','.join(names)}, got "
+                             f"{len(row)} (truncated or malformed row?)")
+        emotion, pixels, use = (row[col[c]] for c in HEADER)
+        if emotion.strip() not in {str(c) for c in range(len(FER2013_CODING))}:
+            raise ValueError(f"{where}: field 'emotion' must be an integer 0..6, "
+                             f"got {emotion!r}")
+        if use.strip() not in USAGE_TO_SPLIT:
+            raise ValueError(f"{where}: field 'Usage' must be one of {list(USAGE_TO_SPLIT)}, "
+                             f"got {use!r}")
+        images.append(_parse_pixels(pixels.strip(), where))
+        codes.append(int(emotion))
+        usage.append(use.strip())
     if not images:
         raise ValueError(f"{path}: no data rows after the header")
     return np.stack(images), np.asarray(codes, np.int32), np.asarray(usage)
@@ -126,23 +155,23 @@ def read_ferplus_votes(path, usage: np.ndarray) -> np.ndarray:
     """Parses fer2013new.csv into (N, 10) int32 votes, checking it row-aligns with `usage`."""
     path = pathlib.Path(path)
     votes = []
-    with _open_text(path) as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or tuple(header[2:]) != FERPLUS_COLUMNS:
-            raise ValueError(f"{path}: expected the header Usage,Image name,"
-                             f"{','.join(FERPLUS_COLUMNS)}, got {header}")
-        for i, row in enumerate(reader):
-            where = f"{path} data row {i} (line {reader.line_num})"
-            if len(row) != 12:
-                raise ValueError(f"{where}: expected 12 fields (Usage, Image name, 10 votes), "
-                                 f"got {len(row)}")
-            if i < len(usage) and row[0] != usage[i]:
-                raise ValueError(f"{where}: Usage {row[0]!r} differs from the FER-2013 csv's "
-                                 f"{usage[i]!r}; the two files must list the same rows in order")
-            if not all(v.isdigit() for v in row[2:]):
-                raise ValueError(f"{where}: votes must be non-negative integers, got {row[2:]}")
-            votes.append([int(v) for v in row[2:]])
+    rows = _csv_rows(path)
+    _, header = next(rows, (0, None))
+    if header is None or tuple(h.strip() for h in header[2:]) != FERPLUS_COLUMNS:
+        got = "an empty file" if header is None else header
+        raise ValueError(f"{path}: expected the header Usage,Image name,"
+                         f"{','.join(FERPLUS_COLUMNS)}, got {got}")
+    for i, (line, row) in enumerate(rows):
+        where = f"{path} data row {i} (line {line})"
+        if len(row) != 12:
+            raise ValueError(f"{where}: expected 12 fields (Usage, Image name, 10 votes), "
+                             f"got {len(row)}")
+        if i < len(usage) and row[0] != usage[i]:
+            raise ValueError(f"{where}: Usage {row[0]!r} differs from the FER-2013 csv's "
+                             f"{usage[i]!r}; the two files must list the same rows in order")
+        if not all(v.strip().isdigit() for v in row[2:]):
+            raise ValueError(f"{where}: votes must be non-negative integers, got {row[2:]}")
+        votes.append([int(v) for v in row[2:]])
     if len(votes) != len(usage):
         raise ValueError(f"{path} has {len(votes)} data rows but the FER-2013 csv has "
                          f"{len(usage)}; row i of both files must be the same image")
