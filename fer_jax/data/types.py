@@ -56,6 +56,19 @@ class Dataset:
     class_names: tuple[str, ...]
     splits: dict[str, Split]
 
+    def __post_init__(self):
+        # The data boundary of every reader: the jitted losses gather log-probabilities at the
+        # labels with no range check (a check there would need a host sync per step), so an
+        # out-of-range label must be stopped here, where it can still be named.
+        k = len(self.class_names)
+        for split_name, split in self.splits.items():
+            where = f"dataset {self.name!r} split {split_name!r}"
+            check_labels(split.labels, k, where=where)
+            dist = split.label_dist
+            if dist is not None and dist.shape[1:] != (k,):
+                raise ValueError(f"{where}: label_dist has shape {dist.shape}; expected "
+                                 f"(N, {k}), one column per class of {self.class_names}")
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
@@ -69,3 +82,17 @@ class Dataset:
             raise KeyError(f"dataset {self.name!r} has no split {split!r}; it has "
                            f"{sorted(self.splits)}")
         return self.splits[split]
+
+
+def check_labels(labels, num_classes: int, *, where: str) -> None:
+    """Raises ValueError unless `labels` is a 1-D integer array of classes in [0, num_classes);
+    the message names `where`, the first bad value and its row, and how many rows are bad."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{where}: labels must be (N,) integer class indices, got "
+                         f"{labels.dtype} {labels.shape}")
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        raise ValueError(f"{where}: label {labels[bad[0]]} at row {bad[0]} is outside "
+                         f"[0, {num_classes}) ({bad.size} such rows); expected an index into its "
+                         f"{num_classes} class names")

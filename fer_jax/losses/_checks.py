@@ -3,6 +3,13 @@
 Shapes are static under `jax.jit`, so these checks run once at trace time and cost nothing
 per step. Values (labels in range, scores in [0, 1]) are not checked: they are traced, and a
 data-dependent check would need a host sync.
+
+The jitted losses therefore assume integer labels in [0, C) for every unmasked row: an
+out-of-range label gathers NaN (`mode="fill"`), so the loss and its gradient become NaN, unless
+its row is masked out (padding may hold any label). Labels are validated once, on the host, at
+the data boundary: every `fer_jax.data.types.Dataset` checks its splits' labels against its
+class names when it is built (`types.check_labels`), with an error naming the dataset, the split
+and the bad value.
 """
 
 import math
