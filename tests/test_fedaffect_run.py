@@ -143,6 +143,7 @@ def test_centralized_runlocal(make_config, tmp_path):
 
 
 @pytest.mark.parametrize("protocol", ["within_client", "cross_client"])
+@pytest.mark.slow  # > 20 s on 2 cores: CI's slow step
 def test_evaluate_spreads_episodes_over_usable_clients(make_config, protocol):
     """A held-out client with one class (and, across clients, the pair it supports) is skipped
     and counted; the other clients still give >= eval_episodes episodes in total."""

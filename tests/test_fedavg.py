@@ -22,6 +22,7 @@ def _params(workdir):
     return step, [np.asarray(x) for x in jax.tree.leaves(state["variables"])]
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: CI's slow step
 def test_fedavg_round_metrics_and_exact_resume(tmp_path, make_config):
     from fer_jax.experiments import supervised as fedavg
     from fer_jax.io.metrics import read_jsonl

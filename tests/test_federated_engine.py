@@ -34,6 +34,7 @@ def test_weighted_mean_masks_zero_weight_and_rejects_bad_weights():
         fl.weighted_mean(x, np.array([1.0, -1.0, 1.0]))
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: CI's slow step
 def test_eight_devices_match_one_device():
     assert jax.device_count() == 8, "conftest forces 8 host devices"
     _, population = make_population()
@@ -124,6 +125,7 @@ def test_nan_client_dropped_on_request():
         np.testing.assert_allclose(to_np(dropped.variables)[k], v, atol=1e-6)
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: CI's slow step
 def test_partial_federation_local_head_and_frozen_body():
     _, population = make_population()
     head_local = fl.regex_filter([("params/head/.*", fl.LOCAL)], default=fl.FEDERATED)

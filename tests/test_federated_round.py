@@ -170,6 +170,7 @@ def tail_engine(tail_multiple, *, buckets=(3, 9), clients_per_call=2, epochs=1, 
 
 
 @pytest.mark.parametrize("tail_multiple", [1, 2])
+@pytest.mark.slow  # > 20 s on 2 cores: CI's slow step
 def test_tail_batches_match_numpy_fedavg(tail_multiple):
     """Tail steps of ceil(r / g) * g rows: same FedAvg as the reference, less padding."""
     clients, population = make_population()
@@ -205,6 +206,7 @@ def test_tail_batches_without_padding_have_efficiency_one():
 
 
 @pytest.mark.parametrize("backend", [fl.RoundBackend(), fl.RoundBackend(vmap_width=2)])
+@pytest.mark.slow  # > 20 s on 2 cores: CI's slow step
 def test_tail_layout_equals_default_layout(backend):
     """Shuffled examples, two local epochs, client momentum: same batches, same result."""
     _, population = make_population(2)

@@ -44,6 +44,7 @@ def test_segmented_round_matches_numpy_fedavg(steps, width, devices):
 
 
 @pytest.mark.parametrize("width", [1, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.slow  # > 20 s on 2 cores: CI's slow step
 def test_segmented_tail_layout_equals_one_call(width):
     """Shuffled examples, two epochs, client momentum, tail steps: same state and metrics."""
     _, population = make_population(2)
@@ -63,6 +64,7 @@ def test_segmented_tail_layout_equals_one_call(width):
         assert results[1][1][k] == pytest.approx(results[0][1][k], rel=1e-5)
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: CI's slow step
 def test_segmented_local_head_equals_one_call():
     _, population = make_population()
     head_local = fl.regex_filter([("params/head/.*", fl.LOCAL)], default=fl.FEDERATED)

@@ -49,6 +49,7 @@ def test_bad_config_fails_before_any_work(tmp_path, args, message):
     assert not workdir.exists()  # Nothing was written.
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: CI's slow step
 def test_cpu_devices_splits_the_host_for_the_clients_axis(tmp_path):
     assert "--cpu_devices must be >= 0" in _main(tmp_path / "bad", "--cpu_devices=-1",
                                                  "--config=configs/fedavg.py:runlocal").stderr
@@ -72,6 +73,7 @@ def test_missing_data_dir_is_a_clear_error(tmp_path):
     assert "nowhere" in result.stderr and "fer2013.csv" in result.stderr, result.stderr[-2000:]
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: CI's slow step
 def test_runlocal_writes_outputs_and_resumes(tmp_path, make_config):
     from fer_jax.experiments import supervised
     from fer_jax.io.metrics import read_jsonl
@@ -101,6 +103,7 @@ def test_runlocal_writes_outputs_and_resumes(tmp_path, make_config):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: CI's slow step
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, make_config):
     from fer_jax.experiments import supervised
 

@@ -215,6 +215,7 @@ def test_small_cnn_is_about_a_million_parameters():
 
 
 @pytest.mark.parametrize("name", ["small_cnn", "mobilenetv2"])
+@pytest.mark.slow  # > 20 s on 2 cores: CI's slow step
 def test_train_updates_batch_stats_and_eval_does_not(name):
     model, variables, x, _ = _built(name)
     train = jax.jit(lambda v, x, k: model.apply(v, x, train=True, mutable=["batch_stats"],
@@ -269,6 +270,7 @@ def test_jitted_train_step_with_dropout_rng():
     assert float(jnp.abs(g["conv1_1"]["kernel"]).sum()) > 0
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: CI's slow step
 def test_init_is_deterministic_for_a_key():
     model = models.SmallCNN(7, widths=(8, 16), dense=16)
     init = jax.jit(functools.partial(model.init, train=False))
@@ -376,6 +378,7 @@ def test_depthwise_shifted_equals_grouped_conv(strides, shape):
                  g(conv), g(shifted))
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: CI's slow step
 def test_mobilenetv2_depthwise_modes_give_the_same_output():
     model, variables, x, _ = _built("mobilenetv2")
     shifted = models.MobileNetV2(7, depthwise="shifted")
@@ -436,6 +439,7 @@ def test_group_norm_matches_numpy_and_is_per_example():
     ("small_cnn", {"widths": (8, 16)}, (3, 16, 16, 1)),
     ("resnet18", {"stem": "small"}, (3, 16, 16, 1)),
 ])
+@pytest.mark.slow  # > 20 s on 2 cores: CI's slow step
 def test_group_norm_models_are_per_example(name, kwargs, shape):
     model = get_model(name, num_classes=None, norm="group", **kwargs)
     x = _images(shape)

@@ -75,6 +75,7 @@ def test_model_is_eq1_around_a_plain_resnet(setup):
         OcclusionNet(resnet18(None, **KW))
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: CI's slow step
 def test_d_step_keeps_f_and_f_step_keeps_d(setup):
     fns, state, batch = setup["fns"], setup["state"], _batch()
     after_d, m = fns["d"](state, batch)
@@ -114,6 +115,7 @@ def _constant_disc(d_params, logit):
 
 
 @pytest.mark.parametrize("prior", [0.5, 0.25])
+@pytest.mark.slow  # > 20 s on 2 cores: CI's slow step
 def test_l_f_is_minimal_when_d_outputs_the_prior(setup, prior):
     net, disc, state = setup["net"], setup["disc"], setup["state"]
     settings = st.OcclusionSettings(image_size=SIZE, channels=1, rate=prior, prior=prior)

@@ -15,6 +15,7 @@ def _small(make_config, arg="runlocal", **overrides):
     return make_config("occlusion", arg, **{**base, **overrides})
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: CI's slow step
 def test_runlocal_end_to_end_writes_every_report(make_config, tmp_path):
     config = _small(make_config)
     experiment.validate_config(config)

@@ -362,6 +362,7 @@ def test_runlocal_every_stage(tmp_path, make_config):
     assert not set(ds["test"].subjects) & set(ds["train"].subjects)
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: CI's slow step
 def test_prepare_command_through_main(tmp_path):
     """The documented command; skipped until 'prepare' is registered in fer_jax.experiments."""
     import os
@@ -408,6 +409,7 @@ def _ck_folder(shared_data, root, per_class=4, size=144):
     return faces
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: CI's slow step
 def test_real_ckplus_bad_inputs_with_mtcnn(shared_data, tmp_path, make_config):
     root = tmp_path / "ck144"
     faces = _ck_folder(shared_data, root)

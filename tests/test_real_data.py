@@ -258,6 +258,7 @@ def real_fer(shared_data, tmp_path_factory):
     return plain, plus
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: CI's slow step
 def test_real_fer2013_counts_and_pixels(real_fer, shared_data):
     ds, _ = real_fer
     assert {k: len(v) for k, v in ds.splits.items()} == {

@@ -70,6 +70,7 @@ def test_lock_of_another_host_is_not_taken_over(tmp_path):
         lock_lib.WorkdirLock(tmp_path).acquire()
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: CI's slow step
 def test_second_run_on_a_workdir_is_refused_naming_the_holder(tmp_path):
     workdir = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(workdir)], cwd=REPO,
@@ -106,6 +107,7 @@ def _train_keys():
     return sorted(supervised.get_config("runlocal").train.keys())
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: CI's slow step
 def test_unwritable_workdir_is_one_line(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")

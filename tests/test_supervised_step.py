@@ -44,6 +44,7 @@ def test_pooled_order_visits_every_example_once_per_epoch():
         loops.PooledOrder(2, 3, seed=0)
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: CI's slow step
 def test_supervised_client_fits_a_fixed_batch():
     """The supervised method (SupervisedClient over classifier_loss) on pooled data overfits
     one batch: the loss falls and the batch is classified exactly."""
@@ -67,6 +68,7 @@ def test_supervised_client_fits_a_fixed_batch():
     assert float(jnp.mean(jnp.argmax(logits, -1) == batch["label"])) == 1.0
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: CI's slow step
 def test_flip_tta_is_the_log_mean_softmax_of_the_image_and_its_mirror():
     model = models.get_model("small_cnn", num_classes=3, widths=(4, 8), convs_per_stage=(1, 1),
                              dense=8)

@@ -93,6 +93,7 @@ def _torch_forward(sd, x):
 
 
 @pytest.mark.parametrize("size", [32, pytest.param(33, marks=pytest.mark.slow)])
+@pytest.mark.slow  # > 20 s on 2 cores: CI's slow step
 def test_torchvision_state_dict_matches_numpy_reference(size, tmp_path):
     rng = np.random.default_rng(0)
     sd = _torch_state_dict(rng)
@@ -122,6 +123,7 @@ def test_torch_weights_need_symmetric_padding():
     assert np.abs(other - ref).max() > 1e-3
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: CI's slow step
 def test_load_flax_variables_names_mismatches():
     model = MobileNetV2(None, width=WIDTH)
     like = model.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32), train=False)

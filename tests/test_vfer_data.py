@@ -73,6 +73,7 @@ def test_synthetic_corpus_lengths_and_classes():
     assert sorted(set(c.subjects)) == ["s000", "s001"]
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: CI's slow step
 def test_real_ckplus_video_cache_and_counts(shared_data, tmp_path):
     """Real CK+ clip + a blank clip: face crops, truncation, no-face count, cache hit."""
     src = shared_data / "ckplus_videos"

@@ -19,6 +19,7 @@ def test_parameter_counts_match_the_paper():
 
 
 @pytest.mark.parametrize("norm", ["batch", "none"])
+@pytest.mark.slow  # > 20 s on 2 cores: CI's slow step
 def test_pre_padding_equals_unpadded_sequence(norm):
     head = vfer.VFERHead(4, dense=(8, 6), lstm=5, norm=norm)
     x = jax.random.normal(jax.random.PRNGKey(0), (3, 7, 12))
