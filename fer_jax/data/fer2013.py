@@ -65,28 +65,35 @@ def find_files(manual_dir) -> tuple[pathlib.Path, pathlib.Path | None]:
         f"{root / FERPLUS_NAME} for FER+ labels")
 
 
-def _open_text(path: pathlib.Path):
-    # newline='' lets the csv module see the raw line ends, as its docs require; utf-8-sig reads
-    # ASCII (Kaggle's files) and a csv re-saved by a spreadsheet (UTF-8 with a byte-order mark).
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", newline="", encoding="utf-8-sig")
-    return open(path, newline="", encoding="utf-8-sig")
+def _decoded_lines(lines, path: pathlib.Path):
+    """Binary lines as text: UTF-8 (ASCII, Kaggle's files, is a subset), a byte-order mark
+    allowed on the first line (a csv re-saved by a spreadsheet). Decoding line by line lets an
+    error name the exact line."""
+    for n, raw in enumerate(lines, start=1):
+        try:
+            yield raw.decode("utf-8-sig" if n == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} line {n}: byte {raw[e.start:e.start + 1]!r} at column "
+                             f"{e.start + 1} is not UTF-8 text; expected a csv of ASCII "
+                             "digits and names") from e
 
 
 def _csv_rows(path: pathlib.Path):
-    """Yields (line number, fields) for every non-blank line of a csv (plain or gzip). A file
-    that is not readable text (binary, corrupt or truncated gzip) raises ValueError naming the
-    file and the line reached, never a codec or gzip traceback."""
-    kind = "gzip-compressed UTF-8 text" if path.suffix == ".gz" else "UTF-8 text"
-    with _open_text(path) as f:
-        reader = csv.reader(f)
+    """Yields (line number, fields) for every non-blank line of a csv, plain or gzip (by the
+    .gz suffix). A file that is not readable (not UTF-8, corrupt or truncated gzip) raises
+    ValueError naming the file and the line, never a codec or gzip traceback."""
+    gz = path.suffix == ".gz"
+    with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+        # Binary lines keep their '\r\n', as the csv module's newline='' asks for.
+        reader = csv.reader(_decoded_lines(f, path))
         while True:
             try:
                 row = next(reader)
             except StopIteration:
                 return
-            except (UnicodeDecodeError, OSError, EOFError, zlib.error, csv.Error) as e:
-                raise ValueError(f"{path} line {reader.line_num + 1}: cannot read "
+            except (OSError, EOFError, zlib.error, csv.Error) as e:
+                kind = "a complete gzip file" if gz else "a csv file"
+                raise ValueError(f"{path}: cannot read past line {reader.line_num} "
                                  f"({type(e).__name__}: {e}); expected {kind}") from e
             if row:  # A blank line holds no example.
                 yield reader.line_num, row
