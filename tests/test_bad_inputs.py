@@ -164,7 +164,7 @@ def test_cmyk_converts_multiplicatively(tmp_path):
     with Image.open(tmp_path / "c.jpg") as im:
         assert im.mode == "CMYK" and "adobe" in im.info
     rgb, _ = readers.decode_image(tmp_path / "c.jpg")
-    assert np.abs(rgb.astype(np.int64) - expected).max() <= 4
+    assert np.abs(rgb.astype(np.int64) - expected).max() <= 2  # 1 with libjpeg-turbo 3.
 
 
 @pytest.mark.parametrize("mode,suffix", [("I;16", "png"), ("I;16B", "tif")])
