@@ -83,6 +83,18 @@ def test_bad_image_named_with_reason(tmp_path, name):
     assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
 
 
+def test_file_gone_after_listing_is_counted_missing(tmp_path):
+    Image.fromarray(RGB).save(tmp_path / "a.png")
+    index = readers.Index("faces", (readers.Entry(tmp_path / "a.png", "happiness"),
+                                    readers.Entry(tmp_path / "gone.png", "happiness")))
+    report = prepare.Report(("happiness",))
+    assert len(prepare.records_from_index(index, report)) == 1
+    assert [(d["reason"], d["path"]) for d in report.drops] == [
+        (readers.MISSING, str(tmp_path / "gone.png"))]
+    with pytest.raises(ValueError, match=r"gone\.png: file not found \(moved or deleted"):
+        readers.load_index(index, image_size=8)
+
+
 def test_text_file_without_image_suffix_is_not_image(tmp_path):
     (tmp_path / "labels.txt").write_text("S010 happy\n")
     assert readers.sniff_image(tmp_path / "labels.txt") == readers.NOT_IMAGE

@@ -112,7 +112,12 @@ def open_image(path) -> Image.Image:
     `Image.MAX_IMAGE_PIXELS` (PIL only warns up to twice that; a face image is far smaller, so
     both count as too large here, before any pixel is decoded)."""
     path = pathlib.Path(path)
-    if path.stat().st_size == 0:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError as e:
+        raise ImageError(f"{path}: file not found (moved or deleted after it was listed?)",
+                         MISSING) from e
+    if size == 0:
         raise ImageError(f"{path}: empty file (0 bytes); expected an image", EMPTY)
     try:
         with warnings.catch_warnings():
