@@ -245,7 +245,15 @@ def finite_check(tree) -> tuple[list[str], float]:
     host = [(n, np.asarray(x)) for n, x in named if not isinstance(x, jax.Array)]
     largest = []
     if device:
-        m = _max_abs([x for _, x in device])
+        # One jitted call per set of devices: a state may mix leaves committed to one device
+        # with leaves replicated over the mesh (VFER's head next to its server state).
+        groups = {}
+        for i, (_, x) in enumerate(device):
+            groups.setdefault(frozenset(d.id for d in x.sharding.device_set), []).append(i)
+        m = [None] * len(device)
+        for idx in groups.values():
+            for i, v in zip(idx, _max_abs([device[i][1] for i in idx]), strict=True):
+                m[i] = v
         if not all(x.is_fully_addressable for x in m):
             from jax.experimental import multihost_utils
 
