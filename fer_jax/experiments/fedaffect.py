@@ -455,7 +455,9 @@ def _centralized_rounds(config, clients, train, rep_method, few_method, rep_vars
 
     def handoff(state):
         encoder = rep_method.final(state["rep"])["params"]["encoder"]
-        return {**state, "few": hand_off_state(state["few"], encoder)}
+        # Distinct buffers: the few-shot step donates its state, and the hand-off may leave
+        # leaves aliased with each other or with the SimCLR state ("donate the same buffer twice").
+        return {**state, "few": jax.tree.map(jnp.copy, hand_off_state(state["few"], encoder))}
 
     def fewshot(state, r):
         few.state = state["few"]
