@@ -36,28 +36,11 @@ RESULTS = REPO / "benchmarks" / "results"
 
 
 def build_model(name):
-    import flax.linen as nn
-    import jax.numpy as jnp
+    """The throughput benchmark's models ('mlp' = MLP(128), 'cnn'), so the two time the same."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from federated_throughput import build_model as throughput_model
 
-    class MLP(nn.Module):
-        @nn.compact
-        def __call__(self, x, *, train):
-            del train
-            x = x.reshape(x.shape[0], -1).astype(jnp.float32) / 255.0
-            return {"logits": nn.Dense(7)(nn.relu(nn.Dense(128)(x)))}
-
-    class CNN(nn.Module):
-        """conv 3x3x16 - pool 2 - conv 3x3x32 - pool 2 - dense 7."""
-
-        @nn.compact
-        def __call__(self, x, *, train):
-            del train
-            x = x.astype(jnp.float32) / 255.0
-            for width in (16, 32):
-                x = nn.max_pool(nn.relu(nn.Conv(width, (3, 3))(x)), (2, 2), strides=(2, 2))
-            return {"logits": nn.Dense(7)(x.reshape(x.shape[0], -1))}
-
-    return {"mlp": MLP, "cnn": CNN}[name]()
+    return throughput_model(name)
 
 
 def overhead(args) -> dict:
