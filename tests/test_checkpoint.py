@@ -172,3 +172,51 @@ def test_metric_writer_truncate_after_drops_replayed_steps(tmp_path):
     assert [(r["step"], r["train/loss"]) for r in read_jsonl(tmp_path / "metrics.jsonl")] == [
         (4, 4.0), (8, 8.0), (12, 0.5)]
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["step"] == 4
+
+
+def test_metric_writer_truncate_to_records_drops_records_of_the_step_logged_after_its_save(
+        tmp_path):
+    writer = MetricWriter(tmp_path, tensorboard=False)
+    writer.write(4, {"train/loss": 4.0})
+    writer.write(8, {"train/loss": 8.0})
+    saved_at = writer.records_written()  # The checkpoint of step 8 is written here.
+    writer.write(8, {"test/accuracy": 0.5})  # The final evaluation, logged after the save.
+    writer.close()
+    writer = MetricWriter(tmp_path, tensorboard=False)
+    assert saved_at == 2 and writer.records_written() == 3
+    assert writer.truncate_after(8) == 0  # By step alone the evaluation would stay...
+    assert writer.truncate_after(8, records=saved_at) == 1  # ...and be logged twice.
+    assert writer.records_written() == 2
+    writer.write(8, {"test/accuracy": 0.5})
+    writer.close()
+    assert [sorted(r) for r in read_jsonl(tmp_path / "metrics.jsonl")] == [
+        ["step", "time", "train/loss"], ["step", "time", "train/loss"],
+        ["step", "test/accuracy", "time"]]
+
+
+def test_run_rerun_after_its_final_checkpoint_logs_each_record_once(tmp_path):
+    from ml_collections import ConfigDict
+
+    from fer_jax.train.run import Run
+
+    config = ConfigDict({"mode": "centralized", "checkpoint_every_steps": 2,
+                         "keep_checkpoints": 2})
+
+    def attempt():  # Train 4 steps, save, evaluate at the last step (as the drivers do).
+        run = Run(config, tmp_path)
+        state, start = run.restore(_state(1.0))
+        for step in range(start + 1, 5):
+            run.writer.write(step, {"train/loss": float(step)})
+            run.save(step, _state(float(step)), final=step == 4)
+        run.writer.write(4, {"test/accuracy": 0.75})
+        run.close()
+        return start
+
+    assert attempt() == 0
+    assert attempt() == 4  # A rerun (or one killed after the save) evaluates step 4 again.
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [(r["step"], "test/accuracy" in r) for r in records] == [
+        (1, False), (2, False), (3, False), (4, False), (4, True)]
+    ckpt = Checkpointer(tmp_path, every_steps=2)
+    assert ckpt.metadata(4)["metrics_records"] == 4
+    ckpt.close()

@@ -383,6 +383,7 @@ def run(config, workdir: str) -> dict:
 
     # ---- 1. IFER and VFER (checkpoint step 1)
     t0 = time.perf_counter()
+    run.truncate_metrics(checkpointer.latest_step() or 0)  # What a killed run logged past it.
     if checkpointer.latest_step() is None:
         imgs = ifer_images(config, names)
         ifer_feats = {s: (image_features(featurize, x, config.model.feature_batch), y)
@@ -401,7 +402,7 @@ def run(config, workdir: str) -> dict:
         writer.write_json("ifer_dev.json", {"report": ifer_dev,
                                             "train_images": len(ifer_feats["train"][1]),
                                             "class_weights": cw.tolist()})
-        checkpointer.save(1, {**state_like, "g": g_vars, "v": v_vars, "server": {}})
+        run.save(1, {**state_like, "g": g_vars, "v": v_vars, "server": {}})
     ifer_dev = json.loads((workdir / "ifer_dev.json").read_text())["report"]
     t_train = time.perf_counter() - t0
 
@@ -504,8 +505,8 @@ def run(config, workdir: str) -> dict:
         logging.info("round %d: %d subjects adapted (%d skipped), selected %s, %.2fs", r + 1,
                      len(adapted), len(skipped), sizes.tolist(), seconds)
         rounds_path.write_text(json.dumps(rounds))
-        checkpointer.save(r + 2, {"g": g_vars, "v": central0, "server": server,
-                                  "personal": store.values})
+        run.save(r + 2, {"g": g_vars, "v": central0, "server": server,
+                         "personal": store.values})
 
     first = rounds[0]
     subj = [str(s) for s in test_subjects]

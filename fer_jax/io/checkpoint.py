@@ -72,8 +72,9 @@ class Checkpointer:
     def should_save(self, step: int) -> bool:
         return step % self.every_steps == 0
 
-    def save(self, step: int, state) -> None:
-        """Writes `state` for `step` (replacing nothing: steps are unique).
+    def save(self, step: int, state, *, metadata: dict | None = None) -> None:
+        """Writes `state` for `step` (replacing nothing: steps are unique), with `metadata`
+        (JSON values, read back by `metadata(step)`) in the same atomic write.
 
         Raises NonFiniteStateError, writing nothing, when any float leaf holds NaN or Inf.
         """
@@ -85,7 +86,7 @@ class Checkpointer:
                 f"not writing the checkpoint of step {step}: non-finite values in "
                 f"{_names(bad)}; {self.describe_last_good()}")
         self._manager.save(step, args=ocp.args.StandardSave(state), force=True,
-                           custom_metadata={"largest_abs": largest})
+                           custom_metadata={**(metadata or {}), "largest_abs": largest})
         self._manager.wait_until_finished()
         self._largest[step] = largest
 
@@ -211,6 +212,14 @@ class Checkpointer:
             multihost_utils.sync_global_devices(f"fer_jax_checkpoint_set_aside_{step}")
         self._manager.reload()
         self._largest.pop(step, None)
+
+    def metadata(self, step: int) -> dict:
+        """The metadata saved with checkpoint `step` ({} when there is none or it does not
+        read)."""
+        try:
+            return dict(self._manager.metadata(step).custom_metadata or {})
+        except Exception:  # noqa: BLE001 - a damaged metadata file reads as none.
+            return {}
 
     def _largest_abs(self, step: int) -> float | None:
         """Largest |value| of checkpoint `step`, None when it is not finite or does not read."""

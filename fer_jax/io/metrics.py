@@ -30,7 +30,11 @@ class MetricWriter:
         if not self.active:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
+        path = self.workdir / "metrics.jsonl"
+        self._records = (sum(_step_of(line) is not None
+                             for line in path.read_text(encoding="utf-8").splitlines())
+                         if path.exists() else 0)
+        self._jsonl = open(path, "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter  # Lazy: only process 0 needs it.
 
@@ -43,6 +47,7 @@ class MetricWriter:
         record.update({k: _scalar(v) for k, v in metrics.items()})
         self._jsonl.write(json.dumps(record, allow_nan=True) + "\n")
         self._jsonl.flush()
+        self._records += 1
         if self._tb is not None:
             for key, value in record.items():
                 if key not in ("step", "time") and isinstance(value, int | float):
@@ -50,13 +55,20 @@ class MetricWriter:
                         self._tb.add_scalar(key, value, int(step))
             self._tb.flush()
 
-    def truncate_after(self, step: int) -> int:
-        """Drops the records with step > `step`; returns how many lines went.
+    def records_written(self) -> int | None:
+        """How many records metrics.jsonl holds now (None off process 0): saved with each
+        checkpoint so that a resume can cut the file back to exactly that point."""
+        return self._records if self.active else None
+
+    def truncate_after(self, step: int, *, records: int | None = None) -> int:
+        """Drops what a resumed run will log again; returns how many lines went.
 
         Call it right after resuming from the checkpoint of `step` (0 for a fresh start): a
-        killed run logged steps past its last checkpoint, and the resumed run logs them again.
-        A line cut short by the kill is dropped too. TensorBoard gets the same cut
-        (tensorboardX `purge_step`).
+        killed run logged past its last checkpoint, and the resumed run logs it again.
+        `records` (`records_written()` when that checkpoint was saved) keeps exactly the
+        records written before the save, so records of `step` itself logged after it (a final
+        evaluation) go too; without it, the records with step > `step` go. A line cut short
+        by the kill is dropped too. TensorBoard gets the same cut (tensorboardX `purge_step`).
         """
         if not self.active:
             return 0
@@ -64,6 +76,8 @@ class MetricWriter:
         path = self.workdir / "metrics.jsonl"
         lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
         keep = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+        if records is not None:
+            keep = [line for line in lines if _step_of(line) is not None][:records]
         dropped = sum(1 for line in lines if line.strip()) - len(keep)
         if dropped:
             self._jsonl.close()
@@ -71,6 +85,7 @@ class MetricWriter:
             tmp.write_text("".join(keep), encoding="utf-8")
             tmp.replace(path)
             self._jsonl = open(path, "a", encoding="utf-8")
+            self._records = len(keep)
             if self._tb is not None:
                 from tensorboardX import SummaryWriter
 

@@ -21,6 +21,9 @@ from fer_jax.io.checkpoint import Checkpointer
 from fer_jax.io.metrics import MetricWriter, read_jsonl
 
 
+METRICS_RECORDS = "metrics_records"  # Checkpoint metadata: metrics.jsonl records at the save.
+
+
 class Run:
     """The workdir of one run. `every`: checkpoint period in steps (or rounds); default
     config.checkpoint_every_steps when config.mode is 'centralized', else _every_rounds."""
@@ -63,17 +66,27 @@ class Run:
         """(state, start): the latest intact checkpoint (put on devices by `place`) or
         (state, 0); metrics.jsonl is cut back to `start`."""
         state, start = self.checkpointer.restore_or(state)
-        # Records past the checkpoint were logged by a killed run; the resumed one logs them again.
-        self.writer.truncate_after(start)
+        self.truncate_metrics(start)
         if start:
             state = place(state) if place is not None else state
             logging.info("resumed from the checkpoint of %s %d in %s", unit, start,
                          self.checkpointer.directory)
         return state, start
 
+    def truncate_metrics(self, start: int) -> None:
+        """Cuts metrics.jsonl back to what was logged before the checkpoint of `start` was
+        saved (all of it for 0): a killed run logged past it, and the resumed run logs it
+        again, evaluations of `start` itself included."""
+        records = self.checkpointer.metadata(start).get(METRICS_RECORDS) if start else None
+        self.writer.truncate_after(start, records=records)
+
     def save(self, step: int, state, *, final: bool = False) -> None:
+        """Saves a checkpoint when `step` is due (or `final`), recording how far metrics.jsonl
+        had got."""
         if final or self.checkpointer.should_save(step):
-            self.checkpointer.save(step, state)
+            records = self.writer.records_written()
+            self.checkpointer.save(step, state, metadata=None if records is None
+                                   else {METRICS_RECORDS: records})
 
     def nonfinite(self, what: str) -> FloatingPointError:
         """The error for a NaN/inf by `what`, naming the checkpoint a rerun resumes from."""
