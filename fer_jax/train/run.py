@@ -20,7 +20,6 @@ from fer_jax.evaluation import plots
 from fer_jax.io.checkpoint import Checkpointer
 from fer_jax.io.metrics import MetricWriter, read_jsonl
 
-
 METRICS_RECORDS = "metrics_records"  # Checkpoint metadata: metrics.jsonl records at the save.
 
 
