@@ -12,6 +12,10 @@ the layouts fer_jax runs save:
 
 Nothing is written into the workdir. The stored shapes are checked against the rebuilt model
 first, so a checkpoint of another model fails naming the first parameter that differs.
+
+`checkpoint_item`, `stored_models` and `read_subtrees` are the reading steps on their own
+(fer_jax.io.init starts a model from any run's checkpoint with them). A state holding several
+models (FedAffect's {rep, few}, VFER's {g, v, server, personal}) is read per model.
 """
 
 from __future__ import annotations
@@ -115,8 +119,26 @@ def checkpoint_steps(workdir) -> list[int]:
     return sorted(ocp.path.step.checkpoint_steps(directory)) if directory.is_dir() else []
 
 
-def _layout(tree: dict, where: pathlib.Path) -> dict[str, tuple[str, ...]]:
-    """Collection name -> its path in a saved state (see the module docstring)."""
+def checkpoint_item(workdir, step: int | None = None) -> tuple[int, pathlib.Path]:
+    """(step, orbax item folder) of the checkpoint at `step` of a workdir (None or 0: the
+    latest); errors name the folder and the steps it has."""
+    directory = pathlib.Path(workdir) / "checkpoints"
+    saved = checkpoint_steps(workdir)
+    if not saved:
+        raise FileNotFoundError(f"{directory}: no finished checkpoint; the run saved none yet "
+                                "(checkpoint_every_steps / _rounds, or its end)")
+    if not step:
+        step = saved[-1]
+    elif step not in saved:
+        raise ValueError(f"{directory} has no checkpoint of step {step}; it has {saved}")
+    return step, directory / str(step) / "default"
+
+
+def _layout(tree) -> dict[str, tuple[str, ...]] | None:
+    """Collection name -> its path in a saved state of one model (the module docstring's
+    layouts), or None."""
+    if not isinstance(tree, dict):
+        return None
     if "params" in tree:
         if isinstance(tree.get("model_state"), dict):
             return {"params": ("params",), **{k: ("model_state", k) for k in tree["model_state"]}}
@@ -125,8 +147,51 @@ def _layout(tree: dict, where: pathlib.Path) -> dict[str, tuple[str, ...]]:
     variables = tree.get("variables")
     if isinstance(variables, dict) and "params" in variables:
         return {k: ("variables", k) for k in variables}
-    raise ValueError(f"{where}: the checkpoint holds {sorted(tree)}; expected model parameters "
-                     "under 'params' or 'variables/params'")
+    return None
+
+
+def stored_models(tree: dict, where) -> dict[str, dict[str, tuple[str, ...]]]:
+    """Model name -> {collection: path in the saved state}, from a checkpoint's metadata tree.
+
+    A state of one model gives {'': layout}; a dict of states (FedAffect's {rep, few}, VFER's
+    {g, v, server, personal}) one entry per key that holds a model.
+    """
+    layout = _layout(tree)
+    if layout is not None:
+        return {"": layout}
+    found = {}
+    for name, sub in tree.items() if isinstance(tree, dict) else ():
+        sub_layout = _layout(sub)
+        if sub_layout is not None:
+            found[name] = {k: (name, *path) for k, path in sub_layout.items()}
+    if not found:
+        raise ValueError(f"{where}: the checkpoint holds {sorted(tree)}; expected model "
+                         "parameters under 'params' or 'variables/params' (or one such state per "
+                         "key)")
+    return found
+
+
+def read_subtrees(item, wanted: dict[tuple[str, ...], object]) -> dict[tuple[str, ...], object]:
+    """A partial restore: path in the saved state -> its subtree, as host NumPy arrays.
+
+    wanted: path -> a subtree of array shapes (ShapeDtypeStruct or orbax metadata); nothing
+    else of the checkpoint (optimizer state, other models) is read.
+    """
+    target: dict = {}
+    for path, shapes in wanted.items():
+        node = target
+        *parents, leaf = path
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), shapes)
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+    try:
+        restored = checkpointer.restore(item, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=restore_args, partial_restore=True))
+    finally:
+        checkpointer.close()
+    return {path: _get(restored, path) for path in wanted}
 
 
 def _get(tree, path):
@@ -168,15 +233,7 @@ def load(workdir, *, step: int | None = None, flip_tta: bool = False) -> Trained
     if not workdir.is_dir():
         raise FileNotFoundError(f"trained workdir {workdir} does not exist")
     config = _config(workdir)
-    saved = checkpoint_steps(workdir)
-    if not saved:
-        raise FileNotFoundError(f"{workdir / 'checkpoints'}: no finished checkpoint; the run "
-                                "saved none yet (checkpoint_every_steps / _rounds, or its end)")
-    if step is None:
-        step = saved[-1]
-    elif step not in saved:
-        raise ValueError(f"{workdir / 'checkpoints'} has no checkpoint of step {step}; it has "
-                         f"{saved}")
+    step, item = checkpoint_item(workdir, step)
     class_names = _class_names(workdir, config)
     size, channels = int(config.data.image_size), int(config.data.channels)
     kwargs = _tuples(config.model.get("kwargs", {}).to_dict()
@@ -184,31 +241,18 @@ def load(workdir, *, step: int | None = None, flip_tta: bool = False) -> Trained
     model = models.get_model(config.model.name, num_classes=len(class_names), **kwargs)
     expected = jax.eval_shape(functools.partial(model.init, train=False),
                               jax.random.PRNGKey(0), jnp.zeros((1, size, size, channels)))
-    item = workdir / "checkpoints" / str(step) / "default"
     tree = ocp.PyTreeCheckpointHandler().metadata(item).tree
-    layout = _layout(tree, item)
+    layout = _layout(tree)
+    if layout is None:
+        raise ValueError(f"{item}: the checkpoint holds {sorted(tree)}; expected model "
+                         "parameters under 'params' or 'variables/params'")
     what = (f"{item} does not hold the model of {workdir / 'config.json'} ({config.model.name}, "
             f"{len(class_names)} classes, {size}x{size}x{channels} input)")
     _check_shapes({k: expected[k] for k in expected},
                   {k: _get(tree, p) for k, p in layout.items() if k in expected}, what)
     # Restore exactly the stored subtrees of the model's collections, as host arrays.
-    target: dict = {}
-    for name in expected:
-        node = target
-        *parents, leaf = layout[name]
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
-                                  expected[name])
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
-    try:
-        restored = checkpointer.restore(item, args=ocp.args.PyTreeRestore(
-            item=target, restore_args=restore_args, partial_restore=True))
-    finally:
-        checkpointer.close()
-    variables = {name: jax.tree.map(jnp.asarray, _get(restored, layout[name]))
-                 for name in expected}
+    restored = read_subtrees(item, {layout[name]: expected[name] for name in expected})
+    variables = {name: jax.tree.map(jnp.asarray, restored[layout[name]]) for name in expected}
     return Trained(workdir=workdir, step=step, config=config, model=model, variables=variables,
                    class_names=class_names, image_size=size, channels=channels,
                    flip_tta=flip_tta)
