@@ -16,7 +16,8 @@ Conv_1_bn, `classifier.1` -> head; conv weights OIHW -> HWIO. Build the flax mod
     python -c "import torch, torchvision, numpy as np; sd = torchvision.models.mobilenet_v2(
         weights='IMAGENET1K_V1').state_dict(); np.savez('mnv2_torch.npz', **{k: v.numpy()
         for k, v in sd.items()})"
-(.pth files are pickles that can run arbitrary code; they are deliberately not read here.)
+A `.pt` / `.pth` file is read only where torch is installed, with
+`torch.load(weights_only=True)`: tensors and containers, never pickled code.
 
 Loading real ImageNet weights you have on disk:
     from fer_jax.models import convert
@@ -167,7 +168,8 @@ def from_torch_state_dict(state_dict: dict[str, np.ndarray]) -> dict[str, np.nda
 
 
 def read_torch_state_dict(path) -> dict[str, np.ndarray]:
-    """A torchvision state_dict exported to .npz or .safetensors -> flat flax variables."""
+    """A torchvision state_dict exported to .npz or .safetensors, or saved by torch (.pt /
+    .pth, needs torch) -> flat flax variables."""
     path = pathlib.Path(path)
     if path.suffix == ".npz":
         with np.load(path) as z:
@@ -176,8 +178,20 @@ def read_torch_state_dict(path) -> dict[str, np.ndarray]:
         from safetensors.numpy import load_file
 
         return from_torch_state_dict(load_file(str(path)))
-    raise ValueError(f"{path}: expected a .npz or .safetensors export of the state_dict (see the "
-                     "module docstring); .pth pickles are not read")
+    if path.suffix in (".pt", ".pth"):
+        try:
+            import torch
+        except ImportError:
+            raise ImportError(f"{path}: reading a .pt / .pth file needs torch; or export the "
+                              "state_dict to .npz where torch is installed (see "
+                              "fer_jax/models/convert.py)") from None
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        if "state_dict" in state_dict:  # A training checkpoint {'state_dict': ..., ...}.
+            state_dict = state_dict["state_dict"]
+        return from_torch_state_dict({k: v.numpy() for k, v in state_dict.items()
+                                      if hasattr(v, "numpy")})
+    raise ValueError(f"{path}: expected a .npz, .safetensors, .pt or .pth torchvision "
+                     "state_dict (see the module docstring)")
 
 
 def save_npz(flat: dict[str, np.ndarray], path) -> None:
