@@ -3,8 +3,8 @@
 `parse_arg('runlocal,data=ckplus48', runlocal=False, data='synthetic')` turns the text after
 the colon of `--config=configs/x.py:ARGS` into a ConfigDict of typed values (big_vision style):
 a bare word sets a boolean to True, `k=v` sets a value converted to the default's type.
-`data_config`, `train_config` and `fed_config` are the blocks every training config shares;
-`mode` (centralized | federated) picks which of `train` / `fed` a run trains with.
+`data_config`, `train_config`, `fed_config` and `init_config` are the blocks every training
+config shares; `mode` (centralized | federated) picks which of `train` / `fed` a run trains with.
 """
 
 from __future__ import annotations
@@ -121,6 +121,29 @@ def fed_config(data: str = "synthetic", *, keep: tuple[str, ...] = (),
     if keep:  # weighting and dp stay: client-level DP works for every method (and needs both)
         fed = ml_collections.ConfigDict({k: fed[k] for k in (*keep, "weighting", "dp")})
     return fed
+
+
+def init_config() -> ml_collections.ConfigDict:
+    """The `init` block: start the model, or a subtree of it, from another run's checkpoint or
+    converted weights (fer_jax/io/init.py; WORKSPACE.md#init). path '' = random init.
+
+    E.g. --config.init.path=/tmp/pretrain --config.init.skip=head: every parameter of that
+    run's latest checkpoint but the classifier head, which keeps its random init.
+    """
+    init = ml_collections.ConfigDict()
+    # A fer_jax run's --workdir (its orbax checkpoints) or a weights file converted by
+    # fer_jax.models.convert (.npz, Keras .h5, PyTorch .pt / .pth, .safetensors).
+    init.path = ""
+    init.step = 0  # The run's checkpoint step; 0 = the latest.
+    # Subtrees, '/'-separated paths, '' = all: src in the checkpoint ('encoder' in every
+    # collection, 'params/backbone' in one, 'rep/encoder' of a run with several models), dst in
+    # this model (FedAffect: 'rep/...' or 'few/...'). Comma-separated: several src -> dst pairs.
+    init.src = ""
+    init.dst = ""
+    # Regex searched in parameter names ('params/head/kernel'): those keep their random init
+    # (e.g. 'head' when the classes differ), checkpoint leaves it matches are not read.
+    init.skip = ""
+    return init
 
 
 def dp_config() -> ml_collections.ConfigDict:

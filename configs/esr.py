@@ -33,6 +33,7 @@ def base_config(arg, *, model: str) -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()
     config.model.name = model
+    config.init = common.init_config()  # path '' = random init; WORKSPACE.md#init
 
     # Eq. (1)-(5): the RBF's gamma and the term weights (all 1 in the paper; 0 switches a term
     # off for the ablation). bandwidth (docs/papers.md#diversity-gamma): median = gamma is 1 / the

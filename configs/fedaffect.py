@@ -71,6 +71,10 @@ def get_config(arg=None):
     config.model.relation_features = 64  # Sung et al. 2018.
     config.model.relation_hidden = 8
     config.model.relation_norm = "group"  # group | none: GroupNorm after each conv block
+    # The model is {rep: encoder + projector, few: encoder + relation module}: dst='rep/encoder'
+    # starts the encoder both learners use (the few-shot one is handed it every round);
+    # path '' = random init (WORKSPACE.md#init).
+    config.init = common.init_config()
 
     fa = config.fedaffect = ml_collections.ConfigDict()
     fa.representation = arg.representation  # simclr | none (random encoder, no SimCLR rounds)

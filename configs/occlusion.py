@@ -53,6 +53,9 @@ def get_config(arg=None):
     config.model.attention_hidden = 64  # phi: 3x3 convs of this width
     config.model.attention_convs = 2
     config.model.disc_hidden = 256  # D: two hidden Dense layers
+    # path '' = random init. A plain ResNet run goes in with
+    # dst='params/net/backbone,batch_stats/backbone' (WORKSPACE.md#init).
+    config.init = common.init_config()
 
     occ = config.occlusion = ml_collections.ConfigDict()
     occ.attention, occ.adversarial = VARIANTS[arg.variant]

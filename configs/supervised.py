@@ -50,6 +50,7 @@ def get_config(arg=None):
     config.model = ml_collections.ConfigDict()
     config.model.name = arg.model
     config.model.kwargs = ml_collections.ConfigDict(_MODEL_KWARGS[arg.model])
+    config.init = common.init_config()  # path '' = random init; WORKSPACE.md#init
 
     config.train = common.train_config(
         num_epochs=18 if arg.data in ("fer2013", "ferplus") else 30,

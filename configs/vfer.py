@@ -59,6 +59,9 @@ def get_config(arg=None):
     model.calibration_frames = 256
     model.g_hidden = (512,)
     model.norm = "batch"  # batch (the paper's parameter counts) | none
+    # f (MobileNetV2, no head) from a run's checkpoint or converted weights (the general
+    # form of model.weights; use one of the two); path '' = random init (WORKSPACE.md#init).
+    config.init = common.init_config()
 
     ifer = config.ifer = ml_collections.ConfigDict()
     ifer.epochs = 60

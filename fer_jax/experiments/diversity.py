@@ -28,6 +28,7 @@ from fer_jax.data.augment import AugmentConfig
 from fer_jax.evaluation import metrics as metrics_lib
 from fer_jax.evaluation import plots
 from fer_jax.federated import config as fed_config
+from fer_jax.io import init as init_lib
 from fer_jax.models.esr import ESR
 from fer_jax.models.manet import MANet
 from fer_jax.steps import diversity as steps
@@ -47,6 +48,7 @@ def validate_config(config) -> None:
     check = checks.checker(config)
     checks.data_model(config, check, model_names=DIVERSITY_MODELS)
     checks.mode(config, check)
+    checks.init_block(config, check)
     try:
         model = build_model(config, 8)  # Dataclass checks only: nothing is traced.
     except (TypeError, ValueError) as e:
@@ -220,6 +222,7 @@ def run(config, workdir: str) -> dict:
     shape = (config.data.image_size, config.data.image_size, config.data.channels)
     variables = jax.jit(functools.partial(model.init, train=False))(
         jax.random.PRNGKey(config.seed), np.zeros((1, *shape), np.float32))
+    variables = init_lib.from_config(config, variables, writer=run.writer)  # config.init
 
     @functools.cache
     def predict_fn(b):

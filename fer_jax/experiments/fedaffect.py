@@ -45,6 +45,7 @@ from fer_jax.evaluation import fewshot as fewshot_eval
 from fer_jax.evaluation import metrics as metrics_lib
 from fer_jax.federated import config as fed_config
 from fer_jax.federated.population import hash_uniform
+from fer_jax.io import init as init_lib
 from fer_jax.models import relation
 from fer_jax.steps import fedaffect as steps
 from fer_jax.steps.supervised import preprocess
@@ -97,6 +98,7 @@ def validate_config(config) -> None:
     check(fed.num_clients >= 1, "fed.num_clients", ">= 1")
     fed_config.validate(config, check, partitions=False)
     check(config.checkpoint_every_rounds >= 1, "checkpoint_every_rounds", ">= 1")
+    checks.init_block(config, check)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,6 +182,23 @@ def init_variables(config, rep_model, few_model, num_classes: int):
     few_vars = few_model.init(jax.random.fold_in(key, 2), jnp.zeros((num_classes,) + shape[1:]),
                               jnp.arange(num_classes), x, train=False)
     return rep_vars, hand_off_variables(few_vars, rep_vars)
+
+
+def apply_init(config, rep_vars, few_vars, *, writer=None):
+    """config.init on the model {'rep': rep_vars, 'few': few_vars}, then the hand-off again: the
+    few-shot encoder is the representation encoder (Algorithm 1 hands it over every round), so
+    an encoder from a checkpoint goes in as dst='rep/encoder'. The report goes to init.json."""
+    if config.get("init") is None or not config.init.path:
+        return rep_vars, few_vars
+    both, report = init_lib.initialize({"rep": rep_vars, "few": few_vars}, config.init)
+    if writer is not None:
+        writer.write_json("init.json", report.to_dict())
+    loaded = {n.split("/")[0] for n in report.loaded if n.split("/")[2:3] == ["encoder"]}
+    if loaded == {"few"}:
+        logging.warning("init: few/params/encoder was loaded but is replaced by the "
+                        "representation encoder (Algorithm 1's hand-off); start the encoder "
+                        "with config.init.dst='rep/encoder'")
+    return both["rep"], hand_off_variables(both["few"], both["rep"])
 
 
 def hand_off_variables(few_vars, rep_vars):
@@ -304,7 +323,8 @@ def run(config, workdir: str) -> dict:
                          "(lower fedaffect.labeled_fraction or set fedaffect.unlabeled='all')")
 
     rep_model, few_model = build_models(config, num_classes)
-    rep_vars, few_vars = init_variables(config, rep_model, few_model, num_classes)
+    rep_vars, few_vars = apply_init(config, *init_variables(config, rep_model, few_model,
+                                                        num_classes), writer=run.writer)
     rep_method, few_method = build_methods(config, rep_model, few_model, num_classes)
     round_fn, state, place = (_federated_rounds if federated else _centralized_rounds)(
         config, clients, train, rep_method, few_method, rep_vars, few_vars, use_simclr)

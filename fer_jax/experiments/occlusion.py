@@ -26,6 +26,7 @@ from fer_jax.data.augment import AugmentConfig
 from fer_jax.evaluation import occlusion as occlusion_eval
 from fer_jax.evaluation import plots
 from fer_jax.federated import config as fed_config
+from fer_jax.io import init as init_lib
 from fer_jax.models.occlusion import FeatureDiscriminator, occlusion_net
 from fer_jax.steps import occlusion as steps
 from fer_jax.train import Run, checks, loops
@@ -40,6 +41,7 @@ def validate_config(config) -> None:
     """Raises ValueError naming the first bad field; called by main before any work."""
     check = checks.checker(config)
     checks.data_model(config, check, model_names=BACKBONES)
+    checks.init_block(config, check)
     occ = config.occlusion
     check(0 <= occ.rate <= 1, "occlusion.rate", "a fraction in [0, 1]")
     check(occ.lambda_noisy >= 0, "occlusion.lambda_noisy", ">= 0")
@@ -157,7 +159,8 @@ def run(config, workdir: str) -> dict:
         run.writer.write(step, {"eval/clean_accuracy": float(np.mean(logits.argmax(-1)
                                                                      == test.labels))})
 
-    variables = init_variables(config, net, disc)
+    variables = init_lib.from_config(config, init_variables(config, net, disc),
+                                     writer=run.writer)  # config.init
     if centralized:
         order = loops.PooledOrder(len(train), config.train.batch_size, config.seed)
         total = config.train.num_steps or int(config.train.num_epochs * order.steps_per_epoch)

@@ -21,6 +21,7 @@ from fer_jax.data.augment import AugmentConfig
 from fer_jax.evaluation import metrics as metrics_lib
 from fer_jax.evaluation import plots
 from fer_jax.federated import config as fed_config
+from fer_jax.io import init as init_lib
 from fer_jax.steps import supervised as steps
 from fer_jax.train import Run, checks, loops, optim
 
@@ -32,6 +33,7 @@ def validate_config(config) -> None:
     check = checks.checker(config)
     checks.data_model(config, check)
     checks.mode(config, check)
+    checks.init_block(config, check)
     if config.mode == "centralized":
         check(config.train.class_weights in CLASS_WEIGHTS, "train.class_weights",
               f"one of {CLASS_WEIGHTS}")
@@ -107,7 +109,8 @@ def run(config, workdir: str) -> dict:
                                 f"{tag}/macro_f1": report["macro"]["f1"]})
         return cm, report
 
-    variables = init_variables(model, config)
+    # config.init: from another run's checkpoint (federated: the server's initial model).
+    variables = init_lib.from_config(config, init_variables(model, config), writer=run.writer)
     if centralized:
         variables, results = train_centralized(config, run, model, train, dataset.num_classes,
                                                variables, evaluate)

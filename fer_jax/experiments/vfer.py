@@ -37,6 +37,7 @@ from fer_jax.data import video as video_lib
 from fer_jax.evaluation import metrics as metrics_lib
 from fer_jax.evaluation import plots
 from fer_jax.federated import config as fed_config
+from fer_jax.io import init as init_lib
 from fer_jax.models import vfer as vfer_models
 from fer_jax.steps import vfer as steps
 from fer_jax.steps.supervised import preprocess
@@ -73,6 +74,9 @@ def validate_config(config) -> None:
     check(0 <= p.threshold < 1, "personalize.threshold", "in [0, 1)")
     check(p.epochs >= 1 and p.batch_size >= 1, "personalize.epochs", ">= 1 (and batch_size)")
     fed_config.validate(config, check, partitions=False)
+    checks.init_block(config, check)
+    check(not (config.model.weights and config.get("init") is not None and config.init.path),
+          "model.weights", "'' when config.init.path is set (config.init is its general form)")
 
 
 def _path(p: str) -> pathlib.Path:
@@ -158,19 +162,39 @@ def calibrate_batch_stats(f, variables, images, *, image_size: int):
     return {**variables, "batch_stats": new["batch_stats"]}
 
 
-def build_backbone(config, calibration_images=None):
-    """(featurize uint8 (n, S, S, C) -> (n, 1280), model_key for the feature cache, variables)."""
+def init_backbone(config, variables, *, writer=None):
+    """(variables, digest): f from config.init, or from model.weights (a converted MobileNetV2
+    .npz whose torchvision head, if any, is not read); digest names the weights in the feature
+    cache's key (None: f keeps its random init). The init report goes to init.json (writer)."""
+    spec = config.get("init")
+    if config.model.weights:
+        spec = {"path": str(_path(config.model.weights)), "skip": "^params/head/"}
+    if spec is None or not spec["path"]:
+        return variables, None
+    from fer_jax.models import convert
+
+    variables, report = init_lib.initialize(variables, spec)
+    if writer is not None:
+        writer.write_json("init.json", report.to_dict())
+    if config.model.weights:
+        return variables, convert.file_digest(config.model.weights)
+    data = b"".join(np.asarray(x).tobytes() for x in jax.tree.leaves(variables))
+    return variables, hashlib.sha256(data).hexdigest()[:16]
+
+
+def build_backbone(config, calibration_images=None, *, writer=None):
+    """(featurize uint8 (n, S, S, C) -> (n, 1280), model_key for the feature cache, variables).
+
+    f starts from config.init or model.weights (`init_backbone`); else it keeps its random
+    convolutions with BatchNorm statistics calibrated on `calibration_images`.
+    """
     f = vfer_models.backbone(config.model.width)
     size = config.data.image_size
-    variables = f.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, size, size, 3)),
-                       train=False)
-    key = f"mnv2-w{config.model.width}-s{size}-seed{config.seed}"
-    if config.model.weights:
-        from fer_jax.models import convert
-
-        variables = convert.load_flax_variables(_path(config.model.weights), variables)
-        key = f"mnv2-w{config.model.width}-s{size}-{convert.file_digest(config.model.weights)}"
-    elif calibration_images is not None:
+    variables, digest = init_backbone(
+        config, f.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, size, size, 3)),
+                       train=False), writer=writer)
+    key = f"mnv2-w{config.model.width}-s{size}-{digest or f'seed{config.seed}'}"
+    if digest is None and calibration_images is not None:
         variables = calibrate_batch_stats(f, variables, calibration_images, image_size=size)
         digest = hashlib.sha256(np.ascontiguousarray(calibration_images).tobytes()).hexdigest()
         key += f"-calib{digest[:12]}"
@@ -354,7 +378,7 @@ def run(config, workdir: str) -> dict:
     calib = train_frames[np.linspace(0, len(train_frames) - 1,
                                      min(config.model.calibration_frames, len(train_frames))
                                      ).astype(np.int64)]
-    featurize, model_key, f_vars = build_backbone(config, calib)
+    featurize, model_key, f_vars = build_backbone(config, calib, writer=writer)
     t0 = time.perf_counter()
     seq_feats = video_lib.cached_features(corpus, featurize, model_key=model_key,
                                           cache_dir=cache_dir if config.data.name != "synthetic"

@@ -7,11 +7,15 @@ ValueError("config.a.b=<value>: expected ...") for the first bad field.
 from __future__ import annotations
 
 import functools
+import pathlib
+import re
 
 from fer_jax import data as data_lib
 from fer_jax import models
 from fer_jax.data.augment import AugmentConfig
 from fer_jax.federated import config as fed_config
+from fer_jax.io import init as init_lib
+from fer_jax.io import trained
 from fer_jax.train import optim
 
 MODES = ("centralized", "federated")
@@ -60,3 +64,41 @@ def mode(config, check, *, partitions: bool = True) -> None:
     else:
         fed_config.validate(config, check, partitions=partitions)
         check(config.checkpoint_every_rounds >= 1, "checkpoint_every_rounds", ">= 1")
+
+
+def init_block(config, check) -> None:
+    """The `init` block (fer_jax/io/init.py): the run or weights file it names exists and has
+    the step asked for; src / dst pair up; skip is a regex. No `init` block: nothing to do."""
+    if "init" not in config:
+        return
+    init = config.init
+    check(init.step >= 0, "init.step", ">= 0 (0 = the latest checkpoint)")
+    if not init.path:
+        for field in ("src", "dst", "skip"):
+            check(not init[field], f"init.{field}",
+                  "'' without config.init.path (the run or weights file to start from)")
+        check(init.step == 0, "init.step", "0 without config.init.path")
+        return
+    path = pathlib.Path(init.path).expanduser()
+    suffixes = ", ".join(init_lib.WEIGHT_SUFFIXES)
+    check(path.exists(), "init.path",
+          f"an existing fer_jax run --workdir or weights file ({suffixes}); {path} does not exist")
+    if path.is_dir():
+        steps = trained.checkpoint_steps(path)
+        check(bool(steps), "init.path", "the --workdir of a fer_jax run with a finished "
+              f"checkpoint; {path / 'checkpoints'} has none")
+        check(init.step == 0 or init.step in steps, "init.step",
+              f"0 (the latest) or one of the checkpoint steps of {path}: {steps}")
+    else:
+        check(path.suffix.lower() in init_lib.WEIGHT_SUFFIXES, "init.path",
+              f"a fer_jax run --workdir or a weights file ({suffixes})")
+        check(init.step == 0, "init.step", "0 for a weights file (steps are a run's checkpoints)")
+    try:
+        init_lib.pairs(init.src, init.dst)
+    except ValueError as e:
+        raise ValueError(f"config.init.src / config.init.dst: {e}") from None
+    try:
+        init_lib.skip_patterns(init.skip)
+    except re.error as e:
+        raise ValueError(f"config.init.skip={init.skip!r}: expected a regular expression ({e})"
+                         ) from None
