@@ -9,7 +9,9 @@ Arguments: runlocal (small sizes), data=synthetic|ckplus, mode=federated|central
 (centralized: v fine-tuned once on every test subject's pseudo-labelled clips pooled, the same
 client method as one client), weights=PATH (MobileNetV2 weights
 converted by fer_jax.models.convert: .npz from Keras .h5 / torchvision state_dict; without it f
-is randomly initialised, since no ImageNet weights can be downloaded here).
+is randomly initialised, since no ImageNet weights can be downloaded here). The general form is
+--config.init.path: another run's checkpoint (e.g. a supervised mobilenetv2, with
+--config.init.skip=head) or any converted weights (WORKSPACE.md#init).
 Outputs in the workdir: eval.json (before/after tables, per subject, central before/after each
 FedAvg round, parameter counts, bytes per client), figure3_subject_micro_f1.png, metrics.jsonl.
 """
