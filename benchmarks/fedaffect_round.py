@@ -49,12 +49,14 @@ def main():
     s = clients["summary"]
     rep_model, few_model = fa.build_models(config, c)
     rep_vars, few_vars = fa.init_variables(config, rep_model, few_model, c)
-    rep_m, few_m = fa.build_methods(config, rep_model, few_model, c)
-    rep_e, few_e = fa.build_engines(config, rep_m, few_m, max_unlabeled=max(s["unlabeled_sizes"]),
+    rep_m, few_m = fa.build_methods(config, rep_model, few_model, c,
                                     max_labeled=max(s["labeled_sizes"]))
+    rep_e, few_e = fa.build_engines(config, rep_m, few_m, max_unlabeled=max(s["unlabeled_sizes"]),
+                                    max_labeled=max(s["labeled_sizes"]), num_classes=c)
     rep_s, few_s = rep_e.init(rep_vars), few_e.init(few_vars)
     key = jax.random.PRNGKey(0)
-    ep_images = c * config.fedaffect.shots + config.fedaffect.queries
+    qpc = few_m.queries_per_class
+    ep_images = c * config.fedaffect.shots + (c * qpc if qpc else config.fedaffect.queries)
     rows = []
     for r in range(args.repeats + 1):
         t0 = time.perf_counter()
@@ -93,7 +95,7 @@ def main():
     few_c = loops.PooledLearner(few_m, few_vars, {
         "image": train.images[clients["labeled"]],
         "label": train.labels[clients["labeled"]].astype(np.int32)},
-        fa.pool_size(config, max(s["labeled_sizes"])), seed=1)
+        fa.episode_sizes(config, c, max(s["labeled_sizes"]))[0], seed=1)
     rep_c.run(0, 1), few_c.run(0, 1)  # compile
     central = {"simclr": [], "fewshot": []}
     for i in range(3):

@@ -43,7 +43,8 @@ def get_config(arg=None):
     config.model.name = arg.model
     # BatchNorm statistics would mix padded examples of partial client batches; FL uses no norm.
     config.model.kwargs = ml_collections.ConfigDict(
-        {"norm": "none", "dropout": 0.3} if arg.model == "small_cnn" else {})
+        {"norm": "none", "dropout": 0.3, "widths": (32, 64, 128)} if arg.model == "small_cnn"
+        else {})
     # The server's initial model from a run's checkpoint (path '' = random); WORKSPACE.md#init
     config.init = common.init_config()
 

@@ -57,6 +57,7 @@ def test_encoder_hand_off(make_config, tmp_path):
     the aggregated encoder. With the encoder frozen in LocalFewShot, the final few-shot encoder
     must equal the final representation encoder exactly, while the relation module trained."""
     config = _config(make_config, "runlocal", **{"fedaffect.train_encoder": False,
+                                                     "fedaffect.encoder_sharing": "handoff",
                                                      "fed.rounds": 1, "fedaffect.eval_episodes": 2,
                                                      "fedaffect.plot_points": 20})
     fedaffect.run(config, str(tmp_path / "a"))
@@ -76,6 +77,33 @@ def test_encoder_hand_off(make_config, tmp_path):
     for a, b in zip(jax.tree.leaves(state["few"].variables["params"]["encoder"]),
                     jax.tree.leaves(rv["params"]["encoder"]), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["federated", "centralized"])
+@pytest.mark.slow  # > 20 s on 2 cores: CI's slow step
+def test_shared_encoder_keeps_the_fewshot_training(make_config, tmp_path, mode):
+    """encoder_sharing='shared': the few-shot encoder is handed back after the few-shot round,
+    so both learners end with the same encoder, and without SimCLR the few-shot training of the
+    encoder accumulates over rounds (the hand-off resets it to the initial one)."""
+    kw = {"mode": mode, "fed.rounds": 2, "fedaffect.eval_episodes": 2,
+          "fedaffect.plot_points": 20, "fedaffect.encoder_sharing": "shared"}
+    config = _config(make_config, "runlocal", **kw)
+    results = fedaffect.run(config, str(tmp_path / "a"))
+    assert results["encoder_sharing"] == "shared" and "accuracy" in results["overall"]
+    if mode == "federated":
+        state, rv, _ = _restore(config, str(tmp_path / "a"))
+        rep_enc = state["rep"].variables["params"]["encoder"]
+        few_enc = state["few"].variables["params"]["encoder"]
+    else:
+        ckpt = Checkpointer(str(tmp_path / "a"), every_steps=1)
+        raw = ckpt.restore(None)
+        ckpt.close()
+        rep_enc, few_enc = raw["rep"]["params"]["encoder"], raw["few"]["params"]["encoder"]
+        rv = fedaffect.init_variables(config, *fedaffect.build_models(config, 8), 8)[0]
+    for a, b in zip(jax.tree.leaves(rep_enc), jax.tree.leaves(few_enc), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.allclose(a, c) for a, c in zip(
+        jax.tree.leaves(few_enc), jax.tree.leaves(rv["params"]["encoder"]), strict=True))
 
 
 def test_bad_clients_are_skipped_and_counted(make_config):

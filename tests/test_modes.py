@@ -113,7 +113,8 @@ def test_fedaffect_same_first_step(make_config):
     config = make_config("fedaffect", "runlocal")
     rep_model, few_model = fedaffect.build_models(config, 8)
     rep_vars, few_vars = fedaffect.init_variables(config, rep_model, few_model, 8)
-    rep_method, few_method = fedaffect.build_methods(config, rep_model, few_model, 8)
+    rep_method, few_method = fedaffect.build_methods(config, rep_model, few_model, 8,
+                                                     max_labeled=16)
     data = _faces(16)
     central, federated = _first_steps(rep_method, rep_vars, {"image": data["image"]},
                                       batch_size=16)

@@ -2,7 +2,8 @@
 
 FedAffect (Shome & Kar), Sec. 3.2 / 4.2 and Algorithm 1 line 33 ("sample support set S and query
 Q"): with K = 1 and C = 7 an episode holds 8 images, 7 supports (one per class) and one query
-(Sung et al. 2018 episodes with Q = 1). Here Q is a parameter.
+(Q = 1 per episode). Here Q is a parameter, per episode (`queries`) or per class
+(`queries_per_class`, class-balanced, as Sung et al. 2018 train with 15 per class).
 
 Training episodes are drawn **on device** inside the client step, from the per-client key the
 engine derives from (seed, round, client id) (`sample_episode`): the engine's packing hands the
@@ -47,34 +48,47 @@ class Episode(NamedTuple):
 
 
 def sample_episode(key: jax.Array, labels: jax.Array, mask: jax.Array, *, num_classes: int,
-                   shots: int = 1, queries: int = 1) -> Episode:
-    """A C-way K-shot episode with up to Q queries from a pool (labels (P,), mask (P,) bool).
+                   shots: int = 1, queries: int = 1, queries_per_class: int = 0) -> Episode:
+    """A C-way K-shot episode from a pool (labels (P,), mask (P,) bool).
 
-    Supports: K distinct images of each class drawn uniformly among its valid pool images;
-    queries: Q distinct images drawn uniformly among the valid, non-support images of the
-    valid classes. jit- and vmap-compatible (static C, K, Q).
+    Supports: K distinct images of each class drawn uniformly among its valid pool images.
+    Queries, with queries_per_class = 0: Q = `queries` distinct images per **episode** drawn
+    uniformly among the valid, non-support images of the valid classes (FedAffect: Q = 1).
+    With queries_per_class = Q_c > 0 (Sung et al. 2018: 15): Q_c distinct non-support images
+    of **each** valid class (query slots c * Q_c .. (c + 1) * Q_c - 1, class c), so Q = C * Q_c
+    and the queries are class-balanced; a class with fewer than K + Q_c images fills the slots
+    it can and the rest are invalid (`query_valid`). jit- and vmap-compatible (static C, K, Q).
     """
-    if shots < 1 or queries < 1 or num_classes < 2:
-        raise ValueError(f"need shots >= 1, queries >= 1, num_classes >= 2; got {shots}, "
-                         f"{queries}, {num_classes}")
+    if shots < 1 or queries < 1 or num_classes < 2 or queries_per_class < 0:
+        raise ValueError(f"need shots >= 1, queries >= 1, queries_per_class >= 0, "
+                         f"num_classes >= 2; got {shots}, {queries}, {queries_per_class}, "
+                         f"{num_classes}")
     pool = labels.shape[0]
-    if shots > pool or queries > pool:
+    if shots > pool or queries > pool or shots + queries_per_class > pool:
         raise ValueError(f"pool of {pool} images is smaller than shots={shots} or "
-                         f"queries={queries}")
+                         f"queries={queries} or shots + queries_per_class="
+                         f"{shots + queries_per_class}")
     k_support, k_query = jax.random.split(key)
     member = (labels[None, :] == jnp.arange(num_classes)[:, None]) & mask[None, :]
     counts = member.sum(1)
     class_valid = counts >= shots
-    # Uniform draws without replacement: the K smallest random scores among the members.
+    # Uniform draws without replacement: the smallest random scores among the members.
     u = jax.random.uniform(k_support, (pool,))
-    support_index = jnp.argsort(jnp.where(member, u[None, :], 2.0), axis=1)[:, :shots]
-    picked = jnp.zeros(pool, bool).at[support_index.ravel()].max(
-        jnp.repeat(class_valid, shots))
-    candidate = mask & ~picked & class_valid[jnp.clip(labels, 0, num_classes - 1)]
-    candidate &= (labels >= 0) & (labels < num_classes)
-    v = jax.random.uniform(k_query, (pool,))
-    query_index = jnp.argsort(jnp.where(candidate, v, 2.0))[:queries]
-    query_valid = candidate[query_index]
+    order = jnp.argsort(jnp.where(member, u[None, :], 2.0), axis=1)
+    support_index = order[:, :shots]
+    if queries_per_class:
+        # The next Q_c of the same random order: distinct from the supports, of class c.
+        query_index = order[:, shots:shots + queries_per_class].reshape(-1)
+        slot = jnp.arange(queries_per_class)[None, :]
+        query_valid = (class_valid[:, None] & (slot < counts[:, None] - shots)).reshape(-1)
+    else:
+        picked = jnp.zeros(pool, bool).at[support_index.ravel()].max(
+            jnp.repeat(class_valid, shots))
+        candidate = mask & ~picked & class_valid[jnp.clip(labels, 0, num_classes - 1)]
+        candidate &= (labels >= 0) & (labels < num_classes)
+        v = jax.random.uniform(k_query, (pool,))
+        query_index = jnp.argsort(jnp.where(candidate, v, 2.0))[:queries]
+        query_valid = candidate[query_index]
     ok = (class_valid.sum() >= 2) & query_valid.any()
     return Episode(support_index, class_valid, query_index, query_valid, ok)
 

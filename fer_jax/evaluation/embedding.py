@@ -1,4 +1,5 @@
-"""2-D embeddings of features: exact t-SNE in NumPy and its scatter plot coloured by class."""
+"""2-D embeddings of features: exact t-SNE in NumPy and its scatter plot coloured by class,
+with a marker per group (subject / client), so identity clusters can be told from class ones."""
 
 from __future__ import annotations
 
@@ -45,19 +46,39 @@ def tsne_2d(x: np.ndarray, *, perplexity: float = 30.0, iterations: int = 500,
     return y - y.mean(0)
 
 
+MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">", "h", "p", "d", "8", "H", "1")
+
+
 def save_embedding_plot(points: np.ndarray, labels: np.ndarray, class_names, path, *,
-                        title: str) -> None:
+                        title: str, groups: np.ndarray | None = None,
+                        group_name: str = "subject") -> None:
+    """Scatter of `points` (N, 2): colour = class; with `groups` (N,) ints, marker = group
+    (cycling through 16 markers past 16 groups; the legend says so)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    fig, ax = plt.subplots(figsize=(6.5, 5.5))
-    for c, name in enumerate(class_names):
-        sel = labels == c
-        if sel.any():
-            ax.scatter(points[sel, 0], points[sel, 1], s=9, label=name, alpha=0.8)
-    ax.legend(fontsize=7, markerscale=1.5, loc="best")
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    colors = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
+    group_ids = np.unique(groups) if groups is not None else np.zeros(1, int)
+    for c in range(len(class_names)):
+        for g_i, g in enumerate(group_ids):
+            sel = (labels == c) & (groups == g if groups is not None else True)
+            if sel.any():
+                ax.scatter(points[sel, 0], points[sel, 1], s=14, color=colors(c), alpha=0.8,
+                           marker=MARKERS[g_i % len(MARKERS)], linewidths=0.5)
+    handles = [Line2D([], [], ls="", marker="o", color=colors(c), label=name)
+               for c, name in enumerate(class_names) if (labels == c).any()]
+    if groups is not None:
+        cycled = " (markers repeat)" if len(group_ids) > len(MARKERS) else ""
+        handles.append(Line2D([], [], ls="", label=f"marker = {group_name}{cycled}:"))
+        handles += [Line2D([], [], ls="", marker=MARKERS[i % len(MARKERS)], color="0.3",
+                           label=f"{group_name} {g}")
+                    for i, g in enumerate(group_ids[:len(MARKERS)])]
+    ax.legend(handles=handles, fontsize=6.5, markerscale=1.2, loc="center left",
+              bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.set_title(title, fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])

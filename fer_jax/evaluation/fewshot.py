@@ -1,5 +1,7 @@
 """Few-shot evaluation on held-out clients: episodes, accuracy with a 95% interval, chance,
-a confusion matrix, and a nearest-class-feature probe of the encoder (FedAffect).
+a confusion matrix, and a nearest-class-feature probe of the encoder (FedAffect); and the
+overall accuracy of the paper's tables (class maps from every labelled training image, a test
+split classified).
 
 The model comes in as two functions (feature maps of images, relation scores of prototypes
 against maps), so this module knows nothing of Flax or of the training step.
@@ -28,7 +30,8 @@ def _batched_maps(feature_maps, images, batch_size: int) -> np.ndarray:
 
 
 def evaluate(feature_maps, episode_scores, clients, *, num_classes: int, shots: int,
-             num_episodes: int, protocol: str, batch_size: int, seed: int) -> dict:
+             num_episodes: int, protocol: str, batch_size: int, seed: int,
+             support_scale: float | None = None) -> dict:
     """Episodes on held-out clients: accuracy mean and 95% interval, chance, confusion matrix.
 
     feature_maps(images[B]) -> [B, h, w, c] embedding maps; episode_scores(prototypes
@@ -38,8 +41,11 @@ def evaluate(feature_maps, episode_scores, clients, *, num_classes: int, shots: 
     client, queries = all its other images (protocol='within_client'), or all the
     images of the next held-out client (c + 1 mod n: 'cross_client', supports and queries of
     different people, so never frames of one sequence); prediction = argmax relation score over
-    the episode's classes. Also the nearest-class-map accuracy by cosine similarity of pooled
-    encoder features (no relation module): a direct probe of the encoder.
+    the episode's classes. Class map = the sum of the K support maps (support_scale None, the
+    relation network's), or support_scale x their mean (1: a prototypical network's mean; the
+    training K: a relation module trained with K shots tested at another K). Also the
+    nearest-class-map accuracy by cosine similarity of pooled encoder features (no relation
+    module): a direct probe of the encoder.
     """
     accs, nn_accs, chance = [], [], []
     cm = np.zeros((num_classes, num_classes), np.int64)
@@ -80,7 +86,9 @@ def evaluate(feature_maps, episode_scores, clients, *, num_classes: int, shots: 
         n_pad = -(-n // 16) * 16  # Bucketed query count: few compiled shapes.
         maps_p = np.concatenate([maps, np.zeros((n_pad - n,) + maps.shape[1:], maps.dtype)])
         sup = np.maximum(eps.support_index, 0)                           # (E, C, K)
-        protos = maps[sup].sum(2) * eps.class_valid[None, :, None, None, None]
+        protos = maps[sup].sum(2) if support_scale is None else \
+            maps[sup].mean(2) * np.float32(support_scale)
+        protos = protos * eps.class_valid[None, :, None, None, None]
         chunk = max(1, 8192 // (n_pad * num_classes))
         scores = []
         for e0 in range(0, per_client, chunk):
@@ -109,10 +117,75 @@ def evaluate(feature_maps, episode_scores, clients, *, num_classes: int, shots: 
         raise ValueError("no held-out client supports an episode (each needs >= 2 classes with "
                          f">= {shots} images)")
     accs, nn_accs = np.asarray(accs), np.asarray(nn_accs)
-    half = lambda a: float(1.96 * a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else 0.0
-    return {"accuracy": float(accs.mean()), "ci95": half(accs), "episodes": int(len(accs)),
+    return {"accuracy": float(accs.mean()), "ci95": _half(accs), "episodes": int(len(accs)),
             "chance": float(np.mean(chance)), "nearest_class_accuracy": float(nn_accs.mean()),
-            "nearest_class_ci95": half(nn_accs), "clients": len(clients),
+            "nearest_class_ci95": _half(nn_accs), "clients": len(clients),
             "protocol": protocol,
             "skipped_clients": skipped_clients, "skipped_query_images": int(skipped_images),
+            "confusion_matrix": cm}
+
+
+def _half(a: np.ndarray) -> float:
+    """Half-width of the 95% normal interval of the mean of `a` (0 for fewer than 2 values)."""
+    return float(1.96 * a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else 0.0
+
+
+def overall_accuracy(feature_maps, class_scores, support, test, *, num_classes: int,
+                     support_scale: float, batch_size: int) -> dict:
+    """The paper's "overall accuracy": class maps from all labelled training images, every
+    test image classified (argmax score over the classes that have a labelled image).
+
+    feature_maps(images[B]) -> [B, h, w, c]; class_scores(class_maps [C, h, w, c], maps
+    [B, h, w, c]) -> [B, C]; support, test: (images, labels). Class map of class c =
+    support_scale x the mean of its N_c labelled maps: 1 for a prototypical network, the
+    training K for a relation network (the expected sum of K supports, the scale its module
+    learned). Maps are summed batch by batch (memory independent of N). A class without labelled
+    images cannot be predicted: it is left out of the argmax, named in
+    `classes_without_support`, and its test images count as errors. Returns accuracy, ci95
+    (binomial normal interval), chance (1 / classes that can be predicted), majority (the
+    most frequent test class's share), the nearest-class probe (cosine of pooled features to
+    the pooled class means), the confusion matrix and counts.
+    """
+    (sup_images, sup_labels), (test_images, test_labels) = support, test
+    sup_labels, test_labels = np.asarray(sup_labels), np.asarray(test_labels)
+    if len(test_labels) == 0:
+        raise ValueError("overall accuracy: the test split is empty")
+    sums, counts = None, np.bincount(sup_labels, minlength=num_classes)[:num_classes]
+    for start in range(0, len(sup_labels), batch_size):
+        maps = _batched_maps(feature_maps, sup_images[start:start + batch_size], batch_size)
+        if sums is None:
+            sums = np.zeros((num_classes,) + maps.shape[1:], np.float64)
+        np.add.at(sums, sup_labels[start:start + batch_size], maps)
+    valid = counts > 0
+    if valid.sum() < 2:
+        raise ValueError(f"overall accuracy: labelled training images of fewer than 2 classes "
+                         f"(counts {counts.tolist()})")
+    means = sums / np.maximum(counts, 1).reshape((-1,) + (1,) * (sums.ndim - 1))
+    protos = (means * support_scale).astype(np.float32)
+    pooled = means.mean((1, 2))
+    pooled /= np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+    preds, nn_preds = [], []
+    for start in range(0, len(test_labels), batch_size):
+        chunk = test_images[start:start + batch_size]
+        maps = _batched_maps(feature_maps, chunk, batch_size)
+        padded = np.concatenate([maps, np.zeros((batch_size - len(maps),) + maps.shape[1:],
+                                                maps.dtype)])
+        scores = np.asarray(class_scores(protos, padded))[:len(maps)]
+        preds.append(np.where(valid[None], scores, -np.inf).argmax(-1))
+        emb = maps.mean((1, 2))
+        emb = emb / np.maximum(np.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
+        nn_preds.append(np.where(valid[None], emb @ pooled.T, -np.inf).argmax(-1))
+    pred, nn_pred = np.concatenate(preds), np.concatenate(nn_preds)
+    correct = (pred == test_labels).astype(np.float64)
+    n = len(test_labels)
+    acc = float(correct.mean())
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(cm, (test_labels, pred), 1)
+    return {"accuracy": acc, "ci95": float(1.96 * math.sqrt(acc * (1 - acc) / n)),
+            "chance": float(1.0 / valid.sum()),
+            "majority": float(np.bincount(test_labels, minlength=num_classes).max() / n),
+            "nearest_class_accuracy": float((nn_pred == test_labels).mean()),
+            "test_images": int(n), "support_images": int(len(sup_labels)),
+            "support_per_class": counts.tolist(), "support_scale": float(support_scale),
+            "classes_without_support": np.flatnonzero(~valid).tolist(),
             "confusion_matrix": cm}

@@ -10,6 +10,11 @@ Algorithm 1 of Shome & Kar, on the engine (fer_jax.federated), host side only:
     few-shot learner's embedding module is **replaced by the aggregated encoder**; then the
     clients with more than C labeled images run LocalFewShot (`FewShotClient`), aggregated the
     same way. Clients with no unlabeled data or with <= C labels are skipped and counted.
+  * `fedaffect.encoder_sharing`: 'handoff' is the above (Algorithm 1 read literally: what
+    LocalFewShot did to the encoder is overwritten next round); 'shared' also hands the
+    aggregated few-shot encoder back to the representation learner after the few-shot round,
+    so one encoder w_f is updated by both local procedures in turn (each FedAvg-aggregated)
+    and nothing either learns is discarded (docs/papers.md#fedaffect-handoff).
     (Algorithm 1 sends both models out at once and hands the encoder over after aggregation;
     running the representation round first lets the relation module train on the encoder it is
     evaluated with: docs/papers.md#fedaffect-round-order.)
@@ -19,7 +24,9 @@ Algorithm 1 of Shome & Kar, on the engine (fer_jax.federated), host side only:
     paper's "Centralized (ours)" row. representation='none' skips SimCLR (random encoder).
 Evaluation (docs/papers.md#fedaffect-eval): held-out clients' episodes, K labeled support images per
 class from that client and every remaining image as a query; mean accuracy and 95% interval over
->= `eval_episodes` episodes, confusion matrix, and a t-SNE of encoder features coloured by class.
+>= `eval_episodes` episodes for each K in `eval_shots` (1 and 5), confusion matrix; the overall
+accuracy (class maps from every labelled training image, the eval split classified); a t-SNE
+of encoder features coloured by class with a marker per held-out subject / client.
 Writes metrics.jsonl, eval.json, confusion_matrix.png, embedding_tsne.png, checkpoints/.
 """
 
@@ -52,6 +59,7 @@ from fer_jax.steps.supervised import preprocess
 from fer_jax.train import Run, checks, loops
 
 REPRESENTATIONS = ("simclr", "none")
+ENCODER_SHARING = ("handoff", "shared")
 UNLABELED = ("rest", "all")
 DATASETS = ("synthetic", "ckplus48", "fer2013")
 EVAL_PROTOCOLS = ("within_client", "cross_client")
@@ -78,6 +86,13 @@ def validate_config(config) -> None:
     check(fa.unlabeled in UNLABELED, "fedaffect.unlabeled", f"one of {UNLABELED}")
     check(fa.shots >= 1, "fedaffect.shots", ">= 1")
     check(fa.queries >= 1, "fedaffect.queries", ">= 1")
+    check(fa.get("queries_per_class", 0) >= 0, "fedaffect.queries_per_class",
+          ">= 0 (0 = fedaffect.queries per episode)")
+    check(fa.get("encoder_sharing", "handoff") in ENCODER_SHARING, "fedaffect.encoder_sharing",
+          f"one of {ENCODER_SHARING}")
+    eval_shots = tuple(fa.get("eval_shots", (fa.shots,)))
+    check(len(eval_shots) >= 1 and all(isinstance(k, int) and k >= 1 for k in eval_shots),
+          "fedaffect.eval_shots", "a non-empty tuple of ints >= 1")
     check(fa.pool_size >= 2, "fedaffect.pool_size", ">= 2")
     check(fa.eval_episodes >= 1, "fedaffect.eval_episodes", ">= 1")
     check(fa.num_heldout_clients >= 0, "fedaffect.num_heldout_clients", ">= 0")
@@ -90,6 +105,12 @@ def validate_config(config) -> None:
     check(rep.cohort_size >= 1, "repr.cohort_size", ">= 1")
     SimCLRAugmentConfig(**rep.augment)  # Raises naming the bad field.
     check(few.episodes_per_round >= 1, "fewshot.episodes_per_round", ">= 1")
+    check(few.get("head", "relation") in relation.HEADS, "fewshot.head",
+          f"one of {relation.HEADS}")
+    check(few.get("loss", "mse") in steps.LOSSES, "fewshot.loss", f"one of {steps.LOSSES}")
+    check(few.get("head", "relation") == "relation" or few.get("loss", "mse") == "ce",
+          "fewshot.loss", "'ce' with fewshot.head='prototypical' (the MSE regresses relation "
+          "scores in [0, 1])")
     check(few.learning_rate > 0, "fewshot.learning_rate", "> 0")
     check(few.cohort_size >= 1, "fewshot.cohort_size", ">= 1")
     check(fed.partition in ("subject", "iid"), "fed.partition", "subject or iid")
@@ -170,7 +191,8 @@ def build_models(config, num_classes: int):
     return relation.build_learners(
         encoder, num_classes=num_classes, projector_hidden=m.projector_hidden,
         projector_out=m.projector_out, relation_features=m.relation_features,
-        relation_hidden=m.relation_hidden, relation_norm=m.get("relation_norm", "none"))
+        relation_hidden=m.relation_hidden, relation_norm=m.get("relation_norm", "none"),
+        head=config.fewshot.get("head", "relation"))
 
 
 def init_variables(config, rep_model, few_model, num_classes: int):
@@ -202,7 +224,8 @@ def apply_init(config, rep_vars, few_vars, *, writer=None):
 
 
 def hand_off_variables(few_vars, rep_vars):
-    """Algorithm 1: the few-shot learner's embedding module := the representation encoder."""
+    """Algorithm 1: the few-shot learner's embedding module := the representation encoder.
+    With the arguments swapped it is the hand-back of encoder_sharing='shared'."""
     params = dict(few_vars["params"])
     params["encoder"] = rep_vars["params"]["encoder"]
     return {"params": params}
@@ -215,19 +238,25 @@ def few_filter(config):
     return fl.regex_filter([("params/encoder/.*", fl.FROZEN)], fl.FEDERATED)
 
 
-def build_methods(config, rep_model, few_model, num_classes: int):
-    rep, few, fa = config.repr, config.fewshot, config.fedaffect
+def build_methods(config, rep_model, few_model, num_classes: int, *,
+                  max_labeled: int | None = None):
+    """The two client methods; the episode's queries per class are clipped to clients of at
+    most `max_labeled` labeled images (`episode_sizes`)."""
+    fa, rep, few = config.fedaffect, config.repr, config.fewshot
     shape_kw = dict(image_size=config.data.image_size, channels=config.data.channels)
     augment = SimCLRAugmentConfig(**{k: tuple(v) if isinstance(v, list | tuple) else v
                                      for k, v in rep.augment.items()})
     rep_method = steps.SimCLRClient(rep_model, optax.adam(rep.learning_rate), augment,
                                     rep.temperature, **shape_kw)
+    _, qpc = episode_sizes(config, num_classes, max_labeled)
     few_method = steps.FewShotClient(few_model, optax.adam(few.learning_rate), num_classes,
-                                     fa.shots, fa.queries, **shape_kw)
+                                     fa.shots, fa.queries, **shape_kw, queries_per_class=qpc,
+                                     loss=few.get("loss", "mse"))
     return rep_method, few_method
 
 
-def build_engines(config, rep_method, few_method, *, max_unlabeled: int, max_labeled: int):
+def build_engines(config, rep_method, few_method, *, max_unlabeled: int, max_labeled: int,
+                  num_classes: int):
     """The two engines (one per global model): the `fed` block's server and layout knobs, the
     batch sizes and local steps of `repr` (SimCLR) and `fewshot` (episodes of `pool` images)."""
     fed, rep, few = config.fed, config.repr, config.fewshot
@@ -236,16 +265,32 @@ def build_engines(config, rep_method, few_method, *, max_unlabeled: int, max_lab
         local_epochs=rep.local_epochs, tail_multiple=0)
     few_engine = fed_config.build_engine(
         fed, few_method, max_client_size=max(max_labeled, 1), param_filter=few_filter(config),
-        batch_size=pool_size(config, max_labeled), local_epochs=few.episodes_per_round,
+        batch_size=episode_sizes(config, num_classes, max_labeled)[0],
+        local_epochs=few.episodes_per_round,
         tail_multiple=0)
     return rep_engine, few_engine
 
 
-def pool_size(config, max_labeled: int) -> int:
-    """Labeled images per few-shot step: the configured pool, at most the largest client."""
+def episode_sizes(config, num_classes: int, max_labeled: int | None,
+                  queries_per_class: int | None = None) -> tuple[int, int]:
+    """(pool, Q_c): labeled images per few-shot step and queries per class of its episode.
+
+    The pool is `fedaffect.pool_size`, raised to C (K + Q_c) so a class-balanced pool holds the
+    requested episode, and at most the largest client (`max_labeled`; None: no bound). Q_c =
+    `fedaffect.queries_per_class` (0: `fedaffect.queries` per episode) clipped to what such a
+    pool holds per class, pool // C - K, and at least 1; a class that still falls short fills
+    the query slots it can (the rest are masked). `queries_per_class` given: use it as is (the
+    centralized learner takes the federated clients' Q_c).
+    """
     fa = config.fedaffect
-    pool = min(fa.pool_size, max(max_labeled, 1))
-    return max(pool, fa.shots, fa.queries)
+    c, k = num_classes, fa.shots
+    qpc = fa.get("queries_per_class", 0) if queries_per_class is None else queries_per_class
+    pool = max(fa.pool_size, c * (k + qpc))
+    if max_labeled is not None:
+        pool = min(pool, max(max_labeled, 1))
+    if qpc and queries_per_class is None:
+        qpc = min(qpc, max(1, pool // c - k))
+    return max(pool, k + qpc, 1 if qpc else fa.queries), qpc
 
 
 def sample_cohort(eligible: np.ndarray, cohort: int, seed: int, round_index: int) -> np.ndarray:
@@ -254,13 +299,14 @@ def sample_cohort(eligible: np.ndarray, cohort: int, seed: int, round_index: int
     return eligible[sampler.sample(seed, round_index)]
 
 
-def hand_off_state(few_state, encoder_params):
+def hand_off_state(state, encoder_params):
     """The hand-off inside a client state: `initial` too, so a FROZEN encoder stays the
-    handed-over one (centralized mode, where the few-shot learner's state persists)."""
+    handed-over one (centralized mode, where the learners' states persist). Either learner's
+    state: the few-shot one (hand-off) or the representation one (encoder_sharing='shared')."""
     encoder_params = jax.tree.map(jnp.array, encoder_params)
-    params = {**few_state.params, "encoder": encoder_params}
-    initial = {"params": {**few_state.initial["params"], "encoder": encoder_params}}
-    return few_state.replace(params=params, initial=initial)
+    params = {**state.params, "encoder": encoder_params}
+    initial = {"params": {**state.initial["params"], "encoder": encoder_params}}
+    return state.replace(params=params, initial=initial)
 
 
 def fewshot_record(totals: dict) -> dict:
@@ -274,23 +320,87 @@ def fewshot_record(totals: dict) -> dict:
 # Evaluation.
 
 
-def evaluate_fewshot(few_params, few_model, clients, *, num_classes: int, config,
-                     seed: int) -> dict:
+def support_scale(config) -> float | None:
+    """Class map = this x the mean of its support maps: the training K for the relation head
+    (the sum of K maps, the scale its module learned, at any test K or from all labelled
+    images), 1 for the prototypical head (the mean)."""
+    return 1.0 if config.fewshot.get("head", "relation") == "prototypical" \
+        else float(config.fedaffect.shots)
+
+
+def evaluate_fewshot(few_params, few_model, clients, *, num_classes: int, config, seed: int,
+                     shots: int | None = None) -> dict:
     """`fer_jax.evaluation.fewshot.evaluate` with the few-shot learner's feature maps and
-    relation scores (see there); `config.fedaffect` gives K, the episodes and the protocol."""
+    scores (see there); `config.fedaffect` gives the episodes and the protocol; K = `shots`
+    (default the training K)."""
     kw = dict(model=few_model, image_size=config.data.image_size, channels=config.data.channels)
     fa = config.fedaffect
     return fewshot_eval.evaluate(
         lambda x: steps.feature_maps(few_params, x, **kw),
         lambda protos, maps: steps.episode_scores(few_params, protos, maps, model=few_model),
-        clients, num_classes=num_classes, shots=fa.shots, num_episodes=fa.eval_episodes,
-        protocol=fa.eval_protocol, batch_size=config.eval_batch_size, seed=seed)
+        clients, num_classes=num_classes, shots=shots or fa.shots,
+        num_episodes=fa.eval_episodes, protocol=fa.eval_protocol,
+        batch_size=config.eval_batch_size, seed=seed, support_scale=support_scale(config))
+
+
+def evaluate_overall(few_params, few_model, support, test, *, num_classes: int,
+                     config) -> dict:
+    """`fer_jax.evaluation.fewshot.overall_accuracy`: class maps from the labelled training
+    images `support`, the eval split `test` classified (the paper's overall accuracy)."""
+    kw = dict(model=few_model, image_size=config.data.image_size, channels=config.data.channels)
+    return fewshot_eval.overall_accuracy(
+        lambda x: steps.feature_maps(few_params, x, **kw),
+        lambda protos, maps: steps.episode_scores(few_params, protos[None], maps,
+                                                  model=few_model)[0],
+        support, test, num_classes=num_classes, support_scale=support_scale(config),
+        batch_size=config.eval_batch_size)
+
+
+def evaluate_all(few_params, few_model, held, support, test, *, num_classes: int,
+                 config) -> dict:
+    """Episodes for each K of `fedaffect.eval_shots` (a K no held-out client supports is
+    recorded with its reason, not dropped) and the overall accuracy."""
+    fa = config.fedaffect
+    by_shots = {}
+    for k in sorted({fa.shots, *fa.get("eval_shots", (fa.shots,))}):
+        try:
+            by_shots[k] = evaluate_fewshot(few_params, few_model, held, num_classes=num_classes,
+                                           config=config, seed=config.seed, shots=k)
+        except ValueError as e:
+            logging.warning("%d-shot episodes skipped: %s", k, e)
+            by_shots[k] = {"skipped": str(e)}
+    try:
+        overall = evaluate_overall(few_params, few_model, support, test,
+                                   num_classes=num_classes, config=config)
+    except ValueError as e:
+        logging.warning("overall accuracy skipped: %s", e)
+        overall = {"skipped": str(e)}
+    return {"by_shots": by_shots, "overall": overall}
 
 
 @functools.partial(jax.jit, static_argnames=("model", "image_size", "channels"))
 def _rep_embed(params, images, *, model, image_size, channels):
     x = preprocess(images, image_size=image_size, channels=channels)
     return model.apply({"params": params}, x, train=False)["embedding"]
+
+
+def _tsne_plot(config, rep_params, rep_model, held, class_names, path, *, title: str,
+               group_ids, group_name: str) -> None:
+    """t-SNE of the representation encoder's features of held-out images: colour = class,
+    marker = held-out client `group_ids[i]` (a subject id where clients are subjects)."""
+    images = np.concatenate([h[0] for h in held])
+    labels = np.concatenate([h[1] for h in held])
+    groups = np.concatenate([np.full(len(h[1]), g) for g, h in zip(group_ids, held,
+                                                                   strict=True)])
+    pick = np.random.default_rng(config.seed).permutation(len(images))[
+        :config.fedaffect.plot_points]
+    emb = np.concatenate([np.asarray(_rep_embed(
+        rep_params, images[pick[i:i + config.eval_batch_size]], model=rep_model,
+        image_size=config.data.image_size, channels=config.data.channels))
+        for i in range(0, len(pick), config.eval_batch_size)])
+    embedding.save_embedding_plot(embedding.tsne_2d(emb, seed=config.seed), labels[pick],
+                                  class_names, path, title=title, groups=groups[pick],
+                                  group_name=group_name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,11 +419,16 @@ def run(config, workdir: str) -> dict:
     clients = build_clients(config, train, num_classes)
     held = heldout_clients(config, test)
     summary = clients["summary"]
+    pool, qpc = episode_sizes(config, num_classes, max(summary["labeled_sizes"]))
+    summary["episode"] = {"pool": pool, "shots": fa.shots, "queries_per_class": qpc,
+                          "queries": qpc * num_classes if qpc else fa.queries}
     run.writer.write_json("partition.json", summary)
     logging.info("%s: %d training clients (%d without unlabeled data, %d with <= C=%d labels "
-                 "skipped from the few-shot round), %d held-out clients", dataset.name,
-                 summary["num_clients"], summary["skipped_no_unlabeled"],
-                 summary["skipped_too_few_labeled"], num_classes, len(held))
+                 "skipped from the few-shot round), %d held-out clients; episodes of %s from "
+                 "pools of %d", dataset.name, summary["num_clients"],
+                 summary["skipped_no_unlabeled"], summary["skipped_too_few_labeled"],
+                 num_classes, len(held), f"{qpc} queries per class" if qpc else
+                 f"{fa.queries} queries", pool)
     if len(clients["few_clients"]) == 0:
         raise ValueError(f"no client has more than C={num_classes} labeled images: the few-shot "
                          "round has no participant (raise fedaffect.labeled_fraction)")
@@ -325,7 +440,8 @@ def run(config, workdir: str) -> dict:
     rep_model, few_model = build_models(config, num_classes)
     rep_vars, few_vars = apply_init(config, *init_variables(config, rep_model, few_model,
                                                         num_classes), writer=run.writer)
-    rep_method, few_method = build_methods(config, rep_model, few_model, num_classes)
+    rep_method, few_method = build_methods(config, rep_model, few_model, num_classes,
+                                           max_labeled=max(summary["labeled_sizes"]))
     round_fn, state, place = (_federated_rounds if federated else _centralized_rounds)(
         config, clients, train, rep_method, few_method, rep_vars, few_vars, use_simclr)
     state, start = run.restore(state, place=place, unit="round")
@@ -334,52 +450,74 @@ def run(config, workdir: str) -> dict:
     rep_final, few_final = (jax.device_get(round_fn.variables(state)))
 
     t_eval = time.perf_counter()
-    result = evaluate_fewshot(few_final["params"], few_model, held, num_classes=num_classes,
-                              config=config, seed=config.seed)
+    support = (train.images[clients["labeled"]], train.labels[clients["labeled"]])
+    evals = evaluate_all(few_final["params"], few_model, held, support,
+                         (test.images, test.labels), num_classes=num_classes, config=config)
+    result, overall = dict(evals["by_shots"][fa.shots]), evals["overall"]
+    if "skipped" in result:
+        raise ValueError(f"{fa.shots}-shot evaluation impossible: {result['skipped']}")
     cm = result.pop("confusion_matrix")
-    tag = f"{config.mode}, encoder {'SimCLR' if use_simclr else 'random'}"
+    by_shots = {str(k): {n: v for n, v in r.items() if n != "confusion_matrix"}
+                for k, r in evals["by_shots"].items()}
+    if "confusion_matrix" in overall:
+        overall = {**overall, "confusion_matrix": overall["confusion_matrix"].tolist()}
+    few = config.fewshot
+    tag = (f"{config.mode}, encoder {'SimCLR' if use_simclr else 'random'}, "
+           f"{few.get('head', 'relation')}/{few.get('loss', 'mse')}, "
+           f"{fa.get('encoder_sharing', 'handoff')}")
     plots.save_confusion_matrix(
         cm, dataset.class_names, run.workdir / "confusion_matrix.png",
         title=f"FedAffect ({tag}) {dataset.name}: {fa.shots}-shot acc {result['accuracy']:.3f}")
-    # t-SNE of the representation encoder's features of held-out images, coloured by class.
-    images = np.concatenate([h[0] for h in held])
-    labels = np.concatenate([h[1] for h in held])
-    pick = np.random.default_rng(config.seed).permutation(len(images))[:fa.plot_points]
-    emb = np.concatenate([np.asarray(_rep_embed(
-        rep_final["params"], images[pick[i:i + config.eval_batch_size]], model=rep_model,
-        image_size=config.data.image_size, channels=config.data.channels))
-        for i in range(0, len(pick), config.eval_batch_size)])
-    embedding.save_embedding_plot(
-        embedding.tsne_2d(emb, seed=config.seed), labels[pick], dataset.class_names,
-        run.workdir / "embedding_tsne.png",
-        title=f"t-SNE of encoder features, held-out {dataset.name} ({tag})")
+    subjects = test.subjects is not None and fa.num_heldout_clients == 0
+    _tsne_plot(config, rep_final["params"], rep_model, held, dataset.class_names,
+               run.workdir / "embedding_tsne.png",
+               title=f"t-SNE of encoder features, held-out {dataset.name} ({tag})",
+               group_ids=np.unique(test.subjects) if subjects else np.arange(len(held)),
+               group_name="subject" if subjects else "held-out client")
     eval_seconds = time.perf_counter() - t_eval
     report = metrics_lib.classification_report(cm, dataset.class_names)
-    results = {"fewshot": result, "report": report, "confusion_matrix": cm.tolist(),
+    results = {"fewshot": result, "fewshot_by_shots": by_shots, "overall": overall,
+               "report": report, "confusion_matrix": cm.tolist(),
                "class_names": list(dataset.class_names), "mode": config.mode,
-               "representation": fa.representation, "rounds": fed.rounds,
+               "representation": fa.representation,
+               "head": few.get("head", "relation"), "loss": few.get("loss", "mse"),
+               "encoder_sharing": fa.get("encoder_sharing", "handoff"),
+               "episode": summary["episode"], "rounds": fed.rounds,
                "clients": summary | {"labeled_sizes": None, "unlabeled_sizes": None},
                "seconds": {"train": train_seconds, "eval": eval_seconds}}
     results["clients"] = {k: v for k, v in results["clients"].items() if v is not None}
-    run.writer.write(fed.rounds, {"eval/accuracy": result["accuracy"],
-                                  "eval/ci95": result["ci95"],
-                                  "eval/nearest_class_accuracy": result["nearest_class_accuracy"]})
+    scalars = {"eval/accuracy": result["accuracy"], "eval/ci95": result["ci95"],
+               "eval/nearest_class_accuracy": result["nearest_class_accuracy"]}
+    for k, r in by_shots.items():
+        if "accuracy" in r:
+            scalars[f"eval/{k}shot_accuracy"] = r["accuracy"]
+    if "accuracy" in overall:
+        scalars["eval/overall_accuracy"] = overall["accuracy"]
+    run.writer.write(fed.rounds, scalars)
+    more = "; ".join(f"{k}-shot {r['accuracy']:.3f} +- {r['ci95']:.3f}"
+                     for k, r in by_shots.items() if "accuracy" in r and int(k) != fa.shots)
+    overall_txt = (f"overall {overall['accuracy']:.3f} +- {overall['ci95']:.3f} (chance "
+                   f"{overall['chance']:.3f}, majority {overall['majority']:.3f})"
+                   if "accuracy" in overall else f"overall skipped ({overall['skipped']})")
     return run.finish(
         results, metric=f"FedAffect ({tag}) on {dataset.name}: {fa.shots}-shot accuracy",
         value=result["accuracy"], chance=result["chance"],
         detail=f" +- {result['ci95']:.3f} (95% interval, {result['episodes']} "
                f"{result['protocol']} episodes on {result['clients']} unseen clients); "
-               f"nearest-class-feature probe {result['nearest_class_accuracy']:.3f}")
+               f"nearest-class-feature probe {result['nearest_class_accuracy']:.3f}; "
+               + (f"{more}; " if more else "") + overall_txt)
 
 
 class _Rounds:
     """round_fn(state, r) -> (state, metrics) of one FedAffect round, and the final variables.
 
     A round: the SimCLR round (unless representation='none'), the hand-off of the encoder to
-    the few-shot learner (Algorithm 1), then the few-shot round."""
+    the few-shot learner (Algorithm 1), the few-shot round, then (encoder_sharing='shared')
+    the hand-back of the few-shot encoder to the representation learner."""
 
-    def __init__(self, simclr, handoff, fewshot, variables):
+    def __init__(self, simclr, handoff, fewshot, handback, variables):
         self._simclr, self._handoff, self._fewshot = simclr, handoff, fewshot
+        self._handback = handback
         self.variables = variables
 
     def __call__(self, state, r):
@@ -393,11 +531,18 @@ class _Rounds:
         t2 = time.perf_counter()
         state, totals, extra = self._fewshot(state, r)
         t3 = time.perf_counter()
+        if self._handback is not None:
+            state = self._handback(state)
         record.update({**fewshot_record(totals), **extra, "round/seconds_repr": t1 - t0,
-                       "round/seconds_handoff": t2 - t1, "round/seconds_fewshot": t3 - t2})
+                       "round/seconds_handoff": t2 - t1 + time.perf_counter() - t3,
+                       "round/seconds_fewshot": t3 - t2})
         if not all(np.isfinite(v) for v in record.values()):
             raise FloatingPointError(f"round {r + 1}: non-finite training metrics {record}")
         return state, record
+
+
+def _shared(config) -> bool:
+    return config.fedaffect.get("encoder_sharing", "handoff") == "shared"
 
 
 def _federated_rounds(config, clients, train, rep_method, few_method, rep_vars, few_vars,
@@ -406,7 +551,8 @@ def _federated_rounds(config, clients, train, rep_method, few_method, rep_vars, 
     summary = clients["summary"]
     rep_engine, few_engine = build_engines(config, rep_method, few_method,
                                            max_unlabeled=max(summary["unlabeled_sizes"]),
-                                           max_labeled=max(summary["labeled_sizes"]))
+                                           max_labeled=max(summary["labeled_sizes"]),
+                                           num_classes=few_method.num_classes)
     rep_key, few_key = jax.random.PRNGKey(config.seed + 1), jax.random.PRNGKey(config.seed + 2)
 
     def simclr(state, r):
@@ -424,6 +570,13 @@ def _federated_rounds(config, clients, train, rep_method, few_method, rep_vars, 
         few_now = fl.mesh.to_host(state["few"])
         state["few"] = few_engine.place(few_now.replace(
             variables=hand_off_variables(few_now.variables, rep_now)))
+        return state
+
+    def handback(state):
+        few_now = fl.mesh.to_host(state["few"].variables)
+        rep_now = fl.mesh.to_host(state["rep"])
+        state["rep"] = rep_engine.place(rep_now.replace(
+            variables=hand_off_variables(rep_now.variables, few_now)))
         return state
 
     def fewshot(state, r):
@@ -444,14 +597,15 @@ def _federated_rounds(config, clients, train, rep_method, few_method, rep_vars, 
     def place(s):
         return {"rep": rep_engine.place(s["rep"]), "few": few_engine.place(s["few"])}
 
-    return _Rounds(simclr if use_simclr else None, handoff, fewshot, variables), state, place
+    return _Rounds(simclr if use_simclr else None, handoff, fewshot,
+                   handback if _shared(config) else None, variables), state, place
 
 
 def _centralized_rounds(config, clients, train, rep_method, few_method, rep_vars, few_vars,
                         use_simclr):
     """The same two methods on the pooled data (`loops.PooledLearner`), with the federated
-    round's expected SimCLR images and few-shot episodes per round: the paper's "Centralized
-    (ours)" row."""
+    round's expected SimCLR images and few-shot episodes per round (and its episodes' queries
+    per class): the paper's "Centralized (ours)" row."""
     unlabeled = train.images[clients["unlabeled"]]
     labeled = {"image": train.images[clients["labeled"]],
                "label": train.labels[clients["labeled"]].astype(np.int32)}
@@ -464,8 +618,9 @@ def _centralized_rounds(config, clients, train, rep_method, few_method, rep_vars
     few_trainable = fl.partial.trainable_mask(fl.partial.label_tree(few_vars, few_filter(config)))
     rep = loops.PooledLearner(rep_method, rep_vars, {"image": unlabeled},
                               min(config.repr.batch_size, len(unlabeled)), seed=config.seed)
-    few = loops.PooledLearner(few_method, few_vars, labeled,
-                              pool_size(config, len(labeled["label"])), seed=config.seed + 1,
+    pool, _ = episode_sizes(config, few_method.num_classes, len(labeled["label"]),
+                            queries_per_class=few_method.queries_per_class)
+    few = loops.PooledLearner(few_method, few_vars, labeled, pool, seed=config.seed + 1,
                               trainable=few_trainable)
 
     def simclr(state, r):
@@ -479,6 +634,10 @@ def _centralized_rounds(config, clients, train, rep_method, few_method, rep_vars
         # leaves aliased with each other or with the SimCLR state ("donate the same buffer twice").
         return {**state, "few": jax.tree.map(jnp.copy, hand_off_state(state["few"], encoder))}
 
+    def handback(state):
+        encoder = few_method.final(state["few"])["params"]["encoder"]
+        return {**state, "rep": jax.tree.map(jnp.copy, hand_off_state(state["rep"], encoder))}
+
     def fewshot(state, r):
         few.state = state["few"]
         totals = few.run(r * few_steps, few_steps)
@@ -488,4 +647,5 @@ def _centralized_rounds(config, clients, train, rep_method, few_method, rep_vars
         return rep_method.final(state["rep"]), few_method.final(state["few"])
 
     state = {"rep": rep.state, "few": few.state}
-    return _Rounds(simclr if use_simclr else None, handoff, fewshot, variables), state, None
+    return _Rounds(simclr if use_simclr else None, handoff, fewshot,
+                   handback if _shared(config) else None, variables), state, None

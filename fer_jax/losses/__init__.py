@@ -7,6 +7,8 @@ gradient, so the masked loss equals the loss of the valid rows alone.
 
   contrastive     nt_xent                                   FedAffect Alg. 1 / SimCLR
   fewshot         class_prototypes, relation_mse            FedAffect 3.2 / Sung et al. 2018
+                  episode_cross_entropy, class_means,       FedAffect option / Snell et al.
+                  prototypical_logits                       2017
   diversity       rbf_similarity, det_diversity,            Heidari & Iosifidis Eq. (1)-(3)
                   spatial_pool, channel_pool
   classification  weighted_cross_entropy                    VFER (Salman & Busso) IFER
@@ -19,18 +21,27 @@ from fer_jax.losses.classification import weighted_cross_entropy
 from fer_jax.losses.contrastive import nt_xent
 from fer_jax.losses.diversity import channel_pool, det_diversity, rbf_similarity, spatial_pool
 from fer_jax.losses.ensemble import ensemble_vote
-from fer_jax.losses.fewshot import class_prototypes, relation_mse
+from fer_jax.losses.fewshot import (
+    class_means,
+    class_prototypes,
+    episode_cross_entropy,
+    prototypical_logits,
+    relation_mse,
+)
 from fer_jax.losses.occlusion import discriminator_bce, occlusion_mask_bce, prior_cross_entropy
 
 __all__ = [
     "channel_pool",
+    "class_means",
     "class_prototypes",
     "det_diversity",
     "discriminator_bce",
     "ensemble_vote",
+    "episode_cross_entropy",
     "nt_xent",
     "occlusion_mask_bce",
     "prior_cross_entropy",
+    "prototypical_logits",
     "rbf_similarity",
     "relation_mse",
     "spatial_pool",

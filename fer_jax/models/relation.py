@@ -8,6 +8,9 @@ FedAffect (Shome & Kar), Fig. 1-2 and Algorithm 1:
     maps; a class's support feature is the **element-wise sum** of its K support maps
     (`losses.class_prototypes`), concatenated **depth-wise** with each query's map, and the
     relation module g_phi scores the pair in [0, 1].
+`FewShotLearner.head='prototypical'` replaces the relation module by Snell et al. 2017's
+prototypical head (a baseline arm, configs/fedaffect.py `fewshot.head`): prototype = mean support
+map, logits = -squared Euclidean distance of the flattened maps; its parameters are the encoder's.
 The relation module is Sung et al. 2018 (*Learning to Compare*, Fig. 2): two conv blocks (3x3
 conv with `features` filters + ReLU + 2x2 max pool), then Dense(`hidden`) + ReLU, Dense(1) +
 sigmoid. Sung et al. put BatchNorm in each block; FedAffect's federated clients pad partial
@@ -69,19 +72,23 @@ class RelationModule(nn.Module):
         self.fc1 = nn.Dense(self.hidden)
         self.fc2 = nn.Dense(1)
 
-    def __call__(self, pairs: jax.Array) -> jax.Array:
+    def __call__(self, pairs: jax.Array, *, logits: bool = False) -> jax.Array:
         pairs = layers.check_images(pairs, name="pairs")
-        return self.head(self.conv1(pairs))
+        return self.head(self.conv1(pairs), logits=logits)
 
-    def head(self, pre: jax.Array) -> jax.Array:
-        """Everything after conv1's affine map: (P, h, w, features) -> (P,) scores."""
+    def head(self, pre: jax.Array, *, logits: bool = False) -> jax.Array:
+        """Everything after conv1's affine map: (P, h, w, features) -> (P,) scores (or, with
+        `logits`, the pre-sigmoid outputs: the logits of `losses.episode_cross_entropy`)."""
         x = _pool(nn.relu(self.norm1(pre)))
         x = _pool(nn.relu(self.norm2(self.conv2(x))))
         x = nn.relu(self.fc1(x.reshape(x.shape[0], -1)))
-        return nn.sigmoid(self.fc2(x))[:, 0]
+        out = self.fc2(x)[:, 0]
+        return out if logits else nn.sigmoid(out)
 
-    def factored(self, class_maps: jax.Array, query_maps: jax.Array) -> jax.Array:
-        """(C, h, w, c) and (Q, h, w, c) -> (Q, C) scores of the pairs [class map, query map]."""
+    def factored(self, class_maps: jax.Array, query_maps: jax.Array, *,
+                 logits: bool = False) -> jax.Array:
+        """(C, h, w, c) and (Q, h, w, c) -> (Q, C) scores (or logits) of the pairs [class map,
+        query map]."""
         if self.is_initializing():  # Create conv1's parameters with their pair-input shape.
             self.conv1(pair_maps(class_maps[:1], query_maps[:1]))
         kernel = self.conv1.variables["params"]["kernel"]
@@ -93,7 +100,7 @@ class RelationModule(nn.Module):
         q = conv(query_maps, kernel[:, :, c:])                       # (Q, h, w, F)
         pre = q[:, None] + s[None] + bias                            # (Q, C, h, w, F)
         nq, nc = pre.shape[:2]
-        return self.head(pre.reshape((nq * nc,) + pre.shape[2:])).reshape(nq, nc)
+        return self.head(pre.reshape((nq * nc,) + pre.shape[2:]), logits=logits).reshape(nq, nc)
 
 
 def _pool(x: jax.Array) -> jax.Array:
@@ -133,38 +140,58 @@ def pair_maps(prototypes: jax.Array, query_maps: jax.Array) -> jax.Array:
     return jnp.concatenate([s, q], axis=-1).reshape((nq * nc,) + s.shape[2:-1] + (-1,))
 
 
+HEADS = ("relation", "prototypical")
+
+
 class FewShotLearner(nn.Module):
-    """f_psi + g_phi: relation scores (Q, C) of query images against C support classes."""
+    """f_psi + a few-shot head: (Q, C) scores of query images against C support classes.
+
+    head 'relation' (FedAffect / Sung et al.): class map = sum of the K support maps, scores in
+    [0, 1] from the relation module; 'prototypical' (Snell et al.): class map = mean support
+    map, scores = logits = -squared distance. argmax of scores = argmax of logits for both.
+    """
 
     encoder: nn.Module
     relation: RelationModule
     num_classes: int
+    head: str = "relation"
+
+    def setup(self):
+        layers.check_choice(self.head, HEADS, name="head")
 
     def features(self, x: jax.Array, *, train: bool) -> jax.Array:
         """Encoder feature maps (N, h, w, c) (the embedding module f_psi)."""
         return self.encoder(x, train=train)["feature_map"]
 
-    def scores(self, prototypes: jax.Array, query_maps: jax.Array) -> jax.Array:
-        """(C, ...) class maps and (Q, ...) query maps -> (Q, C) relation scores of the
-        depth-wise concatenated pairs (computed by `RelationModule.factored`)."""
-        return self.relation.factored(prototypes, query_maps)
+    def class_maps(self, maps: jax.Array, labels: jax.Array) -> jax.Array:
+        """(S, ...) support maps with labels (S,) -> (C, ...): the sum (relation) or mean."""
+        reduce = losses.class_prototypes if self.head == "relation" else losses.class_means
+        return reduce(maps, labels, self.num_classes)
+
+    def scores(self, prototypes: jax.Array, query_maps: jax.Array, *,
+               logits: bool = False) -> jax.Array:
+        """(C, ...) class maps and (Q, ...) query maps -> (Q, C) scores: relation scores of the
+        depth-wise concatenated pairs (`RelationModule.factored`; `logits`: before the sigmoid)
+        or prototypical logits."""
+        if self.head == "prototypical":
+            return losses.prototypical_logits(prototypes, query_maps)
+        return self.relation.factored(prototypes, query_maps, logits=logits)
 
     def __call__(self, support: jax.Array, support_labels: jax.Array, query: jax.Array, *,
-                 train: bool) -> jax.Array:
+                 train: bool, logits: bool = False) -> jax.Array:
         """support (S, H, W, C) with labels (S,) in [0, num_classes), query (Q, H, W, C)."""
         ns = support.shape[0]
         # One encoder pass over support and query together.
         maps = self.features(jnp.concatenate([support, query]), train=train)
-        protos = losses.class_prototypes(maps[:ns], support_labels, self.num_classes)
-        return self.scores(protos, maps[ns:])
+        return self.scores(self.class_maps(maps[:ns], support_labels), maps[ns:], logits=logits)
 
 
 def build_learners(encoder: nn.Module, *, num_classes: int, projector_hidden: int = 256,
                    projector_out: int = 128, relation_features: int = 64,
                    relation_hidden: int = 8, relation_norm: str = "none",
-                   ) -> tuple[RepresentationLearner, FewShotLearner]:
+                   head: str = "relation") -> tuple[RepresentationLearner, FewShotLearner]:
     """The two FedAffect models sharing one encoder architecture (separate parameters)."""
     rep = RepresentationLearner(encoder, ProjectionHead(projector_hidden, projector_out))
     few = FewShotLearner(encoder, RelationModule(relation_features, relation_hidden,
-                                                 relation_norm), num_classes)
+                                                 relation_norm), num_classes, head)
     return rep, few

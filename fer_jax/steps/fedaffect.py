@@ -7,11 +7,14 @@ FedAffect (Shome & Kar), Algorithm 1:
     The engine pads a client's last minibatch: `losses.nt_xent(mask=)` keeps the padded views
     out of the softmax, so the loss is exactly NT-Xent of the valid views.
   * `FewShotClient` = LocalFewShot (lines 31-35): per local step one C-way K-shot episode drawn
-    on device from the client's labeled pool (`data.episodes.sample_episode`), class maps =
-    element-wise sum of K support maps, depth-wise concatenation with each query map, relation
-    scores, loss = relation MSE (Sung et al. 2018 Eq. 2; `losses.relation_mse` on the valid
-    (query, class) pairs), embedding f and relation g trained jointly (unless the encoder is
-    FROZEN by the engine's parameter filter).
+    on device from the client's labeled pool (`data.episodes.sample_episode`; Q queries per
+    episode, or Q_c per class), class maps = element-wise sum of K support maps, depth-wise
+    concatenation with each query map, relation scores, loss = relation MSE (Sung et al. 2018
+    Eq. 2; `losses.relation_mse` on the valid (query, class) pairs; loss='ce': softmax
+    cross-entropy over each query's class slots, `losses.episode_cross_entropy`, on the
+    pre-sigmoid relation outputs), embedding f and relation g trained jointly (unless the
+    encoder is FROZEN by the engine's parameter filter). A model with head='prototypical'
+    (Snell et al. 2017) gives -squared distances to mean support maps, trained by the CE.
 Both follow the engine's ClientMethod protocol (init / step / final, metric *sums*), so FedAvg
 weighted by D_i / D and the per-client keys come from `fer_jax.federated`. The same `step` is
 the centralized learner's update (`centralized_step`: one jitted step, host loop over batches).
@@ -33,6 +36,8 @@ from fer_jax.data.episodes import sample_episode
 from fer_jax.data.simclr_augment import SimCLRAugmentConfig, simclr_views
 from fer_jax.federated.partial import restore_frozen
 from fer_jax.steps.supervised import preprocess
+
+LOSSES = ("mse", "ce")
 
 
 @flax.struct.dataclass
@@ -107,8 +112,10 @@ class FewShotClient:
     """LocalFewShot: one C-way K-shot episode per step from the client's labeled pool.
 
     batch: {'image': uint8 (P, H, W, C), 'label': int (P,)}, mask (P,) bool: the pool the
-    episode is drawn from (the engine's minibatch). `model` is a FewShotLearner. Metric sums:
-    loss_sum (over episodes), episodes, skipped_episodes, queries, correct, short_classes.
+    episode is drawn from (the engine's minibatch). `model` is a FewShotLearner. queries: Q
+    per episode, used when queries_per_class = 0; loss: 'mse' (relation head only) or 'ce'.
+    Metric sums: loss_sum (over episodes), episodes, skipped_episodes, queries, correct,
+    short_classes.
     """
 
     model: Any
@@ -118,6 +125,15 @@ class FewShotClient:
     queries: int
     image_size: int
     channels: int
+    queries_per_class: int = 0
+    loss: str = "mse"
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.loss == "mse" and self.model.head != "relation":
+            raise ValueError("loss='mse' regresses relation scores in [0, 1]: it needs the "
+                             f"relation head, got head={self.model.head!r} (use loss='ce')")
 
     def init(self, variables, trainable, key):
         del key
@@ -126,19 +142,22 @@ class FewShotClient:
     def step(self, state, batch, mask, key):
         c, k = self.num_classes, self.shots
         labels = batch["label"].astype(jnp.int32)
-        ep = sample_episode(key, labels, mask, num_classes=c, shots=k, queries=self.queries)
+        ep = sample_episode(key, labels, mask, num_classes=c, shots=k, queries=self.queries,
+                            queries_per_class=self.queries_per_class)
         prep = functools.partial(preprocess, image_size=self.image_size, channels=self.channels)
         support = prep(batch["image"][ep.support_index.reshape(-1)])
         query = prep(batch["image"][ep.query_index])
         support_labels = jnp.repeat(jnp.arange(c), k)
         query_labels = labels[ep.query_index]
 
+        ce = self.loss == "ce"
+
         def loss_fn(params):
             scores = self.model.apply({"params": params}, support, support_labels, query,
-                                      train=True)
+                                      train=True, logits=ce)
             pairs = ep.query_valid[:, None] & ep.class_valid[None, :]
-            loss = losses.relation_mse(scores, query_labels, jnp.arange(c), mask=pairs)
-            return loss, scores
+            fn = losses.episode_cross_entropy if ce else losses.relation_mse
+            return fn(scores, query_labels, jnp.arange(c), mask=pairs), scores
 
         (loss, scores), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         state = _update(state, grads, self.optimizer, ep.ok)
