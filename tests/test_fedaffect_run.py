@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+from fer_jax import data as data_lib
 from fer_jax import federated as fl
 from fer_jax.data import types
 from fer_jax.experiments import fedaffect
@@ -81,29 +82,41 @@ def test_encoder_hand_off(make_config, tmp_path):
 
 @pytest.mark.parametrize("mode", ["federated", "centralized"])
 @pytest.mark.slow  # > 20 s on 2 cores: CI's slow step
-def test_shared_encoder_keeps_the_fewshot_training(make_config, tmp_path, mode):
+def test_shared_encoder_keeps_the_fewshot_training(make_config, mode):
     """encoder_sharing='shared': the few-shot encoder is handed back after the few-shot round,
-    so both learners end with the same encoder, and without SimCLR the few-shot training of the
-    encoder accumulates over rounds (the hand-off resets it to the initial one)."""
-    kw = {"mode": mode, "fed.rounds": 2, "fedaffect.eval_episodes": 2,
-          "fedaffect.plot_points": 20, "fedaffect.encoder_sharing": "shared"}
-    config = _config(make_config, "runlocal", **kw)
-    results = fedaffect.run(config, str(tmp_path / "a"))
-    assert results["encoder_sharing"] == "shared" and "accuracy" in results["overall"]
-    if mode == "federated":
-        state, rv, _ = _restore(config, str(tmp_path / "a"))
-        rep_enc = state["rep"].variables["params"]["encoder"]
-        few_enc = state["few"].variables["params"]["encoder"]
-    else:
-        ckpt = Checkpointer(str(tmp_path / "a"), every_steps=1)
-        raw = ckpt.restore(None)
-        ckpt.close()
-        rep_enc, few_enc = raw["rep"]["params"]["encoder"], raw["few"]["params"]["encoder"]
-        rv = fedaffect.init_variables(config, *fedaffect.build_models(config, 8), 8)[0]
-    for a, b in zip(jax.tree.leaves(rep_enc), jax.tree.leaves(few_enc), strict=True):
-        np.testing.assert_array_equal(a, b)
-    assert any(not np.allclose(a, c) for a, c in zip(
-        jax.tree.leaves(few_enc), jax.tree.leaves(rv["params"]["encoder"]), strict=True))
+    so both learners end each round with the same encoder; without SimCLR the few-shot
+    training of the encoder accumulates (the hand-off resets it to the initial one)."""
+    finals = {}
+    for sharing in ("shared", "handoff"):
+        config = _config(make_config, "runlocal", **{
+            "mode": mode, "fedaffect.encoder_sharing": sharing,
+            "fedaffect.representation": "none"})
+        dataset = data_lib.load(config.data)
+        train = dataset[config.data.train_split]
+        clients = fedaffect.build_clients(config, train, 8)
+        rep_model, few_model = fedaffect.build_models(config, 8)
+        rv, fv = fedaffect.init_variables(config, rep_model, few_model, 8)
+        methods = fedaffect.build_methods(config, rep_model, few_model, 8,
+                                          max_labeled=max(clients["summary"]["labeled_sizes"]))
+        build = fedaffect._federated_rounds if mode == "federated" \
+            else fedaffect._centralized_rounds
+        round_fn, state, _ = build(config, clients, train, *methods, rv, fv, False)
+        state, _ = round_fn(state, 0)
+        state, _ = round_fn(state, 1)
+        rep_final, few_final = jax.device_get(round_fn.variables(state))
+        finals[sharing] = few_final["params"]["encoder"]
+        init = jax.tree.leaves(rv["params"]["encoder"])
+        rep_enc = jax.tree.leaves(rep_final["params"]["encoder"])
+        if sharing == "shared":
+            for a, b in zip(rep_enc, jax.tree.leaves(finals[sharing]), strict=True):
+                np.testing.assert_array_equal(a, b)
+        else:  # The representation encoder never moves without SimCLR.
+            for a, b in zip(rep_enc, init, strict=True):
+                np.testing.assert_array_equal(a, b)
+    # Round 2 of 'shared' continued from round 1's few-shot encoder; 'handoff' restarted from
+    # the initial one: different final encoders.
+    assert any(not np.allclose(a, b) for a, b in zip(
+        jax.tree.leaves(finals["shared"]), jax.tree.leaves(finals["handoff"]), strict=True))
 
 
 def test_bad_clients_are_skipped_and_counted(make_config):
