@@ -290,3 +290,15 @@ def test_new_fields_are_validated(make_config, field, value, match):
     config = _config(make_config, **{"fewshot.head": "prototypical", "fewshot.loss": "mse"})
     with pytest.raises(ValueError, match="fewshot.loss"):
         fedaffect.validate_config(config)
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_relation_output_bias_only_where_the_loss_sees_it(make_config, loss):
+    """Softmax cross-entropy over an episode's classes cancels a bias shared by every score:
+    fewshot.loss='ce' builds fc2 without one; the paper's MSE keeps it."""
+    config = make_config("fedaffect", "runlocal", **{"fewshot.loss": loss})
+    _, few = fedaffect.build_models(config, 3)
+    pairs = jnp.zeros((2, 4, 4, 2 * few.relation.features))
+    params = few.relation.init(jax.random.PRNGKey(0), pairs)["params"]
+    assert ("bias" in params["fc2"]) == (loss == "mse")
+    assert "bias" in params["fc1"]

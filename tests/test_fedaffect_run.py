@@ -217,6 +217,12 @@ def test_segmented_local_steps_give_the_same_run(make_config, tmp_path):
         fedaffect.run(config, str(tmp_path / str(steps)))
         states.append(_restore(config, str(tmp_path / str(steps)))[0])
     for name in ("rep", "few"):
-        a, b = (jax.tree.leaves(s[name].variables) for s in states)
-        for x, y in zip(a, b, strict=True):
-            np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=2e-5, rtol=1e-4)
+        a, b = (jax.tree_util.tree_leaves_with_path(s[name].variables) for s in states)
+        for (path, x), (_, y) in zip(a, b, strict=True):
+            # Under fewshot.loss='ce' the softmax cancels fc1's bias except through differences
+            # in the ReLU pattern of one query's C pairs: its gradient is near zero, the float
+            # rounding of the two call layouts differs, and Adam rescales that to ~1e-4 steps
+            # (measured 6e-4 apart after one round; every other leaf within 2e-5).
+            ill_conditioned = jax.tree_util.keystr(path).endswith("['fc1']['bias']")
+            np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4,
+                                       atol=2e-3 if ill_conditioned else 2e-5)

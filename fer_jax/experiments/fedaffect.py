@@ -192,7 +192,8 @@ def build_models(config, num_classes: int):
         encoder, num_classes=num_classes, projector_hidden=m.projector_hidden,
         projector_out=m.projector_out, relation_features=m.relation_features,
         relation_hidden=m.relation_hidden, relation_norm=m.get("relation_norm", "none"),
-        head=config.fewshot.get("head", "relation"))
+        head=config.fewshot.get("head", "relation"),
+        relation_output_bias=config.fewshot.get("loss", "mse") != "ce")
 
 
 def init_variables(config, rep_model, few_model, num_classes: int):

@@ -55,6 +55,10 @@ class RelationModule(nn.Module):
     features: int = 64
     hidden: int = 8
     norm: str = "none"
+    # The output bias; False when the scores are trained as softmax logits over an episode's
+    # classes (fewshot.loss='ce'), which cancels it: like a bias before GroupNorm, its gradient
+    # would be float noise that Adam scales into full-size steps.
+    output_bias: bool = True
 
     def setup(self):
         layers.check_choice(self.norm, NORMS, name="norm")
@@ -70,7 +74,7 @@ class RelationModule(nn.Module):
         else:
             self.norm1 = self.norm2 = lambda y: y
         self.fc1 = nn.Dense(self.hidden)
-        self.fc2 = nn.Dense(1)
+        self.fc2 = nn.Dense(1, use_bias=self.output_bias)
 
     def __call__(self, pairs: jax.Array, *, logits: bool = False) -> jax.Array:
         pairs = layers.check_images(pairs, name="pairs")
@@ -189,9 +193,11 @@ class FewShotLearner(nn.Module):
 def build_learners(encoder: nn.Module, *, num_classes: int, projector_hidden: int = 256,
                    projector_out: int = 128, relation_features: int = 64,
                    relation_hidden: int = 8, relation_norm: str = "none",
-                   head: str = "relation") -> tuple[RepresentationLearner, FewShotLearner]:
+                   head: str = "relation", relation_output_bias: bool = True,
+                   ) -> tuple[RepresentationLearner, FewShotLearner]:
     """The two FedAffect models sharing one encoder architecture (separate parameters)."""
     rep = RepresentationLearner(encoder, ProjectionHead(projector_hidden, projector_out))
     few = FewShotLearner(encoder, RelationModule(relation_features, relation_hidden,
-                                                 relation_norm), num_classes, head)
+                                                 relation_norm, relation_output_bias),
+                         num_classes, head)
     return rep, few
