@@ -274,7 +274,10 @@ def plot(path, config_spec: str, records: list[dict], summary: dict, metrics: li
     import matplotlib.pyplot as plt
 
     arms = list(summary)
-    width = max(4.0, 0.9 * len(arms) + 2.0)
+    # Arm names are override lists: one override per line, the axis as wide as the longest.
+    labels = {arm: arm.replace(",", ",\n") for arm in arms}
+    longest = max(len(line) for label in labels.values() for line in label.splitlines())
+    width = max(4.0, len(arms) * max(0.9, 0.075 * longest) + 2.0)
     fig, axes = plt.subplots(1, len(metrics), figsize=(width * len(metrics), 4.2), squeeze=False)
     for ax, m in zip(axes[0], metrics, strict=True):
         for i, arm in enumerate(arms):
@@ -291,9 +294,8 @@ def plot(path, config_spec: str, records: list[dict], summary: dict, metrics: li
                             label="mean, 95% t-interval" if i == 0 else None)
         if m in chance:
             ax.axhline(chance[m], ls="--", color="C3", lw=1.2, label=f"chance ({chance[m]:g})")
-        names = [f"{arm}\n(n={summary[arm][m]['n']})" for arm in arms]
-        ax.set_xticks(range(len(arms)), names, rotation=20 if len(arms) > 3 else 0,
-                      ha="right" if len(arms) > 3 else "center")
+        names = [f"{labels[arm]}\n(n={summary[arm][m]['n']})" for arm in arms]
+        ax.set_xticks(range(len(arms)), names, fontsize=8)
         ax.set_xlim(-0.6, len(arms) - 0.4)
         ax.set_xlabel("arm")
         ax.set_ylabel(m)
