@@ -92,19 +92,9 @@ def relation_mse(
       Scalar mean over the Q * C (valid) pairs of (scores[q, c] - 1[query_labels[q] ==
       support_labels[c]])^2; 0 when no pair is valid.
     """
-    scores = jnp.asarray(scores)
-    query_labels = jnp.asarray(query_labels)
-    support_labels = jnp.asarray(support_labels)
-    _checks.check_ndim(scores, 2, name="scores", expected="(Q, C)")
+    scores, query_labels, support_labels = _episode_arrays(scores, query_labels, support_labels,
+                                                     name="scores")
     q, c = scores.shape
-    _checks.check_ndim(query_labels, 1, name="query_labels", expected=f"(Q,) = ({q},)")
-    _checks.check_ndim(support_labels, 1, name="support_labels", expected=f"(C,) = ({c},)")
-    if query_labels.shape[0] != q:
-        raise ValueError(f"query_labels must have shape (Q,) = ({q},), got {query_labels.shape}.")
-    if support_labels.shape[0] != c:
-        raise ValueError(
-            f"support_labels must have shape (C,) = ({c},), got {support_labels.shape}."
-        )
     target = (query_labels[:, None] == support_labels[None, :]).astype(scores.dtype)
     if mask is None:
         return jnp.mean(jnp.square(scores - target))
@@ -171,19 +161,9 @@ def episode_cross_entropy(
       Scalar mean over counted queries of logsumexp_{valid c} logits[q, c] - logits[q, y_q];
       0 when no query counts.
     """
-    logits = jnp.asarray(logits)
-    query_labels = jnp.asarray(query_labels)
-    support_labels = jnp.asarray(support_labels)
-    _checks.check_ndim(logits, 2, name="logits", expected="(Q, C)")
+    logits, query_labels, support_labels = _episode_arrays(logits, query_labels, support_labels,
+                                                     name="logits")
     q, c = logits.shape
-    _checks.check_ndim(query_labels, 1, name="query_labels", expected=f"(Q,) = ({q},)")
-    _checks.check_ndim(support_labels, 1, name="support_labels", expected=f"(C,) = ({c},)")
-    if query_labels.shape[0] != q:
-        raise ValueError(f"query_labels must have shape (Q,) = ({q},), got {query_labels.shape}.")
-    if support_labels.shape[0] != c:
-        raise ValueError(
-            f"support_labels must have shape (C,) = ({c},), got {support_labels.shape}."
-        )
     if mask is None:
         pair = jnp.ones((q, c), bool)
     else:
@@ -204,3 +184,21 @@ def episode_cross_entropy(
     lse = jnp.log(jnp.where(counted, total, 1.0)) + shift[:, 0]
     picked = jnp.sum(jnp.where(target, z, 0.0), axis=1)
     return _checks.masked_mean(jnp.where(counted, lse - picked, 0.0), counted)
+
+
+def _episode_arrays(values, query_labels, support_labels, *, name: str):
+    """(values (Q, C), query_labels (Q,), support_labels (C,)) as arrays, shapes checked."""
+    values = jnp.asarray(values)
+    query_labels = jnp.asarray(query_labels)
+    support_labels = jnp.asarray(support_labels)
+    _checks.check_ndim(values, 2, name=name, expected="(Q, C)")
+    q, c = values.shape
+    _checks.check_ndim(query_labels, 1, name="query_labels", expected=f"(Q,) = ({q},)")
+    _checks.check_ndim(support_labels, 1, name="support_labels", expected=f"(C,) = ({c},)")
+    if query_labels.shape[0] != q:
+        raise ValueError(f"query_labels must have shape (Q,) = ({q},), got {query_labels.shape}.")
+    if support_labels.shape[0] != c:
+        raise ValueError(
+            f"support_labels must have shape (C,) = ({c},), got {support_labels.shape}."
+        )
+    return values, query_labels, support_labels
