@@ -140,30 +140,72 @@ def utility(args) -> dict:
                      "test_macro_f1": result["test"]["macro"]["f1"],
                      "seconds": time.perf_counter() - t0, "workdir": str(out)})
         print(json.dumps(rows[-1]), flush=True)
+    fed = json.loads((workdir / arms[0][0] / "config.json").read_text())["fed"]
+    server = (f"server {fed['server_optimizer']}, client {fed['client_optimizer']} "
+              f"{fed['client_learning_rate']:g} x {fed['local_epochs']} epochs")
     return {"what": "FedAvg on FER-2013 (PrivateTest accuracy) at client-level epsilon, same "
                     "rounds, clients, cohorts and uniform weighting",
+            "server": server, "extra_flags": args.extra,
             "clients": args.clients, "cohort": args.train_cohort, "rounds": args.train_rounds,
             "clip_norm": args.clip, "target_quantile": args.quantile or None, "rows": rows}
 
 
+def _curve(workdir: str) -> tuple[list[int], list[float]]:
+    """(round, PrivateTest accuracy) of one arm's periodic evaluations (metrics.jsonl)."""
+    points = {}
+    path = pathlib.Path(workdir) / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        record = json.loads(line)
+        if "eval/accuracy" in record:
+            points[record["step"]] = record["eval/accuracy"]
+    return sorted(points), [points[r] for r in sorted(points)]
+
+
+def _majority(workdir: str) -> float:
+    """The majority class's share of the test set (the rate of a model stuck at the prior)."""
+    import numpy as np
+
+    confusion = np.asarray(json.loads((pathlib.Path(workdir) / "eval.json").read_text())
+                           ["confusion_matrix"])
+    return float(confusion.sum(axis=1).max() / confusion.sum())
+
+
 def plot(table: dict, path: pathlib.Path) -> None:
+    """Left: final accuracy vs epsilon; right: accuracy per round of every arm."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in table["rows"] if r["target_epsilon"] is not None]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    plain = [r for r in table["rows"] if r["target_epsilon"] is None]
+    majority = _majority(table["rows"][0]["workdir"])
+    fig, (ax, curves) = plt.subplots(1, 2, figsize=(10, 4))
     ax.plot([r["epsilon"] for r in rows], [r["test_accuracy"] for r in rows], "o-",
             label="DP-FedAvg")
+    for r in rows:
+        ax.annotate(f"z={r['noise_multiplier']:.2f}", (r["epsilon"], r["test_accuracy"]),
+                    textcoords="offset points", xytext=(4, 6), fontsize=8)
+    for r in plain:
+        ax.axhline(r["test_accuracy"], color="gray", ls="--", label="non-private")
+    for a in (ax, curves):
+        a.axhline(majority, color="tab:red", ls=":", lw=1, label="majority class")
+        a.axhline(1 / 7, color="lightgray", ls=":", label="chance (1/7)")
+        a.set_ylabel("PrivateTest accuracy")
+    ax.set_xlabel(f"client-level epsilon (delta = {rows[0]['delta']:.1e})" if rows
+                  else "client-level epsilon")
+    ax.set_title("final accuracy vs epsilon")
+    ax.legend(fontsize=8)
     for r in table["rows"]:
-        if r["target_epsilon"] is None:
-            ax.axhline(r["test_accuracy"], color="gray", ls="--", label="non-private")
-    ax.axhline(1 / 7, color="lightgray", ls=":", label="chance")
-    ax.set_xlabel("client-level epsilon (delta = 1/N^1.1)")
-    ax.set_ylabel("PrivateTest accuracy")
-    ax.set_title(f"FedAvg, FER-2013, {table['clients']} clients, {table['rounds']} rounds")
-    ax.legend()
+        x, y = _curve(r["workdir"])
+        label = "non-private" if r["target_epsilon"] is None else f"eps {r['epsilon']:.2g}"
+        curves.plot(x, y, "o-", ms=3, label=label)
+    curves.set_xlabel("round")
+    curves.set_title("accuracy during training")
+    curves.legend(fontsize=8)
+    fig.suptitle(f"{table.get('server', 'FedAvg')}, FER-2013, {table['clients']} Dirichlet(0.5) "
+                 f"clients, cohort {table['cohort']}, {table['rounds']} rounds, clip "
+                 f"{table['clip_norm']:g}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

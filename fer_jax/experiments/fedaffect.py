@@ -566,19 +566,18 @@ def _federated_rounds(config, clients, train, rep_method, few_method, rep_vars, 
                                    "repr/images": res.useful_examples,
                                    **loops.dp_metrics(res, "repr/dp")}
 
-    def handoff(state):
-        rep_now = fl.mesh.to_host(state["rep"].variables)
-        few_now = fl.mesh.to_host(state["few"])
-        state["few"] = few_engine.place(few_now.replace(
-            variables=hand_off_variables(few_now.variables, rep_now)))
+    engines = {"rep": rep_engine, "few": few_engine}
+
+    def copy_encoder(state, src, dst):
+        """state[dst]'s encoder := state[src]'s (hand-off: rep -> few; hand-back: few -> rep)."""
+        source = fl.mesh.to_host(state[src].variables)
+        target = fl.mesh.to_host(state[dst])
+        state[dst] = engines[dst].place(target.replace(
+            variables=hand_off_variables(target.variables, source)))
         return state
 
-    def handback(state):
-        few_now = fl.mesh.to_host(state["few"].variables)
-        rep_now = fl.mesh.to_host(state["rep"])
-        state["rep"] = rep_engine.place(rep_now.replace(
-            variables=hand_off_variables(rep_now.variables, few_now)))
-        return state
+    handoff = functools.partial(copy_encoder, src="rep", dst="few")
+    handback = functools.partial(copy_encoder, src="few", dst="rep")
 
     def fewshot(state, r):
         ids = sample_cohort(clients["few_clients"], config.fewshot.cohort_size,
@@ -629,15 +628,17 @@ def _centralized_rounds(config, clients, train, rep_method, few_method, rep_vars
         totals = rep.run(r * rep_steps, rep_steps)
         return {**state, "rep": rep.state}, totals, {}
 
-    def handoff(state):
-        encoder = rep_method.final(state["rep"])["params"]["encoder"]
-        # Distinct buffers: the few-shot step donates its state, and the hand-off may leave
-        # leaves aliased with each other or with the SimCLR state ("donate the same buffer twice").
-        return {**state, "few": jax.tree.map(jnp.copy, hand_off_state(state["few"], encoder))}
+    methods = {"rep": rep_method, "few": few_method}
 
-    def handback(state):
-        encoder = few_method.final(state["few"])["params"]["encoder"]
-        return {**state, "rep": jax.tree.map(jnp.copy, hand_off_state(state["rep"], encoder))}
+    def copy_encoder(state, src, dst):
+        """state[dst]'s encoder := state[src]'s (hand-off: rep -> few; hand-back: few -> rep)."""
+        encoder = methods[src].final(state[src])["params"]["encoder"]
+        # Distinct buffers: the steps donate their state, and the hand-off may leave leaves
+        # aliased with each other or with the other model's state ("donate the same buffer twice").
+        return {**state, dst: jax.tree.map(jnp.copy, hand_off_state(state[dst], encoder))}
+
+    handoff = functools.partial(copy_encoder, src="rep", dst="few")
+    handback = functools.partial(copy_encoder, src="few", dst="rep")
 
     def fewshot(state, r):
         few.state = state["few"]
