@@ -23,8 +23,9 @@ from configs import common
 _MODEL_KWARGS = {
     # 4 stages, 6 convs, 0.77M parameters: 2x cheaper per image than widths (32, 64, 128) x 2
     # convs and faster to learn on FER-2013 (docs/results.md#fer2013-supervised).
+    # norm: batch | group | none (group: FedAffect's encoder, to pre-train it here)
     "small_cnn": dict(widths=(24, 48, 96, 192), convs_per_stage=(1, 2, 2, 1), dense=256,
-                      dropout=0.4),
+                      dropout=0.4, norm="batch"),
     "resnet18": dict(stem="small"),
     "resnet50": dict(stem="small"),
     "resnet50v2": dict(stem="small"),

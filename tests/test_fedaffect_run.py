@@ -1,6 +1,7 @@
 """FedAffect end to end (fer_jax.experiments.fedaffect): Algorithm 1 on the runlocal config."""
 
 import json
+import types as pytypes
 
 import jax
 import numpy as np
@@ -11,6 +12,7 @@ from fer_jax import federated as fl
 from fer_jax.data import types
 from fer_jax.experiments import fedaffect
 from fer_jax.io.checkpoint import Checkpointer
+from fer_jax.train import loops
 
 
 def _config(make_config, arg, **overrides):
@@ -50,6 +52,28 @@ def test_runlocal_end_to_end(make_config, tmp_path, capsys):
                                    for r in train)
     assert all(np.isfinite(r["repr/loss"]) and r["fewshot/skipped_episodes"] == 0 for r in train)
     assert "(chance 0.125)" in capsys.readouterr().out
+
+
+def test_round_progress_shows_each_models_loss(monkeypatch):
+    """The progress line of a FedAffect round shows its two losses (it showed loss=nan)."""
+    seen = []
+
+    class Recorder:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def update(self, step, **scalars):
+            seen.append((step, scalars))
+
+    monkeypatch.setattr(loops, "Progress", Recorder)
+    run = pytypes.SimpleNamespace(writer=pytypes.SimpleNamespace(write=lambda *a: None),
+                                  save=lambda *a, **k: None)
+    record = {"repr/loss": 4.25, "fewshot/loss": 1.5, "fewshot/clients": 8}
+    loops.rounds(run, {}, lambda state, r: (state, dict(record)), num_rounds=2, start=0)
+    assert seen == [(r, {"repr_loss": 4.25, "fewshot_loss": 1.5}) for r in (1, 2)]
+    seen.clear()
+    loops.rounds(run, {}, lambda state, r: (state, {"train/loss": 0.5}), num_rounds=1, start=0)
+    assert seen == [(1, {"loss": 0.5})]
 
 
 @pytest.mark.slow

@@ -231,6 +231,13 @@ def engine_round(run, engine: fl.FederatedEngine, population, *, cohort_size: in
     return round_fn
 
 
+def _losses(metrics: dict) -> dict:
+    """The round's losses for the progress line: train/loss as `loss`, others (FedAffect's
+    repr/loss, fewshot/loss) as `repr_loss`, ...; a method without any shows none."""
+    return {("loss" if k == "train/loss" else k.replace("/", "_")): v
+            for k, v in metrics.items() if k.endswith("/loss")}
+
+
 def rounds(run, state, round_fn: Callable, *, num_rounds: int, start: int,
            eval_every: int = 0, evaluate: Callable | None = None):
     """The federated loop: round_fn each round, metrics, checkpoints, periodic evaluation.
@@ -246,7 +253,7 @@ def rounds(run, state, round_fn: Callable, *, num_rounds: int, start: int,
         if "round/examples" in metrics:
             metrics["round/examples_per_s"] = metrics["round/examples"] / seconds
         run.writer.write(r + 1, metrics)
-        progress.update(r + 1, loss=metrics.get("train/loss", float("nan")))
+        progress.update(r + 1, **_losses(metrics))
         run.save(r + 1, state, final=r + 1 == num_rounds)
         if evaluate is not None and eval_every and (r + 1) % eval_every == 0 \
                 and r + 1 < num_rounds:
