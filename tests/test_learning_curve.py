@@ -32,6 +32,16 @@ def test_series_pick_loss_and_every_evaluation():
     assert series["eval"]["test/accuracy"] == ([], [])  # NaN skipped.
     fed = plots.learning_curve_series([{"step": 1, "round/seconds": 3.0, "train/loss": 1.0}])
     assert fed["eval"] == {} and list(fed["loss"]) == ["train/loss"]
+    # A run of two models (FedAffect): both losses, the training-episode accuracy per round,
+    # the final evaluation without its interval half-width.
+    two = plots.learning_curve_series(
+        [{"step": r, "repr/loss": 4.0 - r, "fewshot/loss": 2.0 / r, "fewshot/train_accuracy":
+          0.1 * r, "fewshot/clients": 8, "round/seconds": 1.0} for r in (1, 2)]
+        + [{"step": 2, "eval/1shot_accuracy": 0.4, "eval/ci95": 0.01}])
+    assert sorted(two["loss"]) == ["fewshot/loss", "repr/loss"]
+    assert two["loss"]["repr/loss"] == ([1, 2], [3.0, 2.0])
+    assert sorted(two["eval"]) == ["eval/1shot_accuracy", "fewshot/train_accuracy"]
+    assert two["eval"]["fewshot/train_accuracy"] == ([1, 2], [0.1, 0.2])
 
 
 def test_writes_png(tmp_path):

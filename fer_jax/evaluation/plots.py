@@ -67,12 +67,22 @@ EVAL_PREFIXES = ("eval", "val", "validation", "test")
 
 
 def learning_curve_series(records) -> dict[str, dict[str, tuple[list, list]]]:
-    """{'loss': {key: (steps, values)}, 'eval': {key: (steps, values)}} of metrics.jsonl records:
-    every 'train/...loss...' key, and every key under EVAL_PREFIXES; non-finite values and
-    records without the key are skipped, points sorted by step."""
+    """{'loss': {key: (steps, values)}, 'eval': {key: (steps, values)}} of metrics.jsonl records.
+
+    loss: every training loss ('train/...loss...', and each model's '<model>/loss' of a run
+    training several, e.g. FedAffect's 'repr/loss' and 'fewshot/loss'); eval: every key under
+    EVAL_PREFIXES except interval half-widths ('ci95'), plus training-episode accuracies
+    ('<model>/train_accuracy': FedAffect evaluates only at the end, so its per-round curve is
+    this). Non-finite values and records without the key are skipped, points sorted by step."""
     keys = sorted({k for r in records for k in r if k not in ("step", "time")})
-    groups = {"loss": [k for k in keys if k.startswith("train/") and "loss" in k],
-              "eval": [k for k in keys if k.split("/", 1)[0] in EVAL_PREFIXES]}
+
+    def is_eval(k):
+        return k.split("/", 1)[0] in EVAL_PREFIXES
+
+    groups = {"loss": [k for k in keys if not is_eval(k) and (
+                  (k.startswith("train/") and "loss" in k) or k.endswith("/loss"))],
+              "eval": [k for k in keys if (is_eval(k) and "ci95" not in k)
+                       or k.endswith("/train_accuracy")]}
     out = {}
     for group, names in groups.items():
         out[group] = {}
@@ -96,7 +106,7 @@ def save_learning_curve(records, path: str | pathlib.Path, *, title: str = "",
         xlabel = "round" if any(k.startswith("round/") for r in records for k in r) else "step"
     fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, group, ylabel in ((ax_loss, "loss", "training loss"),
-                              (ax_eval, "eval", "evaluation metric")):
+                              (ax_eval, "eval", "accuracy / evaluation metric")):
         for key, (x, y) in series[group].items():
             if not x:
                 continue
