@@ -15,10 +15,18 @@ Dirichlet(0.5) clients, --train_cohort per round (large cohorts: the mean's nois
 uniform, once non-private and once per --epsilons target (noise multiplier calibrated by the
 engine), each a
 `python -m fer_jax.main` run in <workdir>/<arm>; writes the table (PrivateTest accuracy, epsilon,
-noise multiplier, seconds) to the JSON and accuracy-vs-epsilon to a PNG beside it. Needs the raw
-FER-2013 csv in ../shared/data/fer2013.
+noise multiplier, seconds) to the JSON, and accuracy vs epsilon plus every arm's accuracy by
+round to a PNG beside it. Needs the raw FER-2013 csv in ../shared/data/fer2013.
 
   python benchmarks/dp_fedavg.py --utility --extra=--cpu_devices=2
+
+The measured table (docs/results.md#dp-utility; ~25 min per arm on 2 CPU cores) used 60 rounds
+and the non-private settings its probes chose (the config's SGD / FedAvg stays at the class
+prior for 40 rounds):
+  python benchmarks/dp_fedavg.py --utility --train_rounds=60 --extra=--cpu_devices=2 \
+      "--extra=--config.model.kwargs.widths=(16,32,64)" \
+      --extra=--config.fed.server_optimizer=fedavgm --extra=--config.fed.client_optimizer=adam \
+      --extra=--config.fed.client_learning_rate=1e-3 --extra=--config.fed.local_epochs=2
 """
 
 from __future__ import annotations
