@@ -160,13 +160,12 @@ def utility(args) -> dict:
 
 def _curve(workdir: str) -> tuple[list[int], list[float]]:
     """(round, PrivateTest accuracy) of one arm's periodic evaluations (metrics.jsonl)."""
-    points = {}
+    from fer_jax.evaluation import plots
+    from fer_jax.io.metrics import read_jsonl
+
     path = pathlib.Path(workdir) / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.exists() else []:
-        record = json.loads(line)
-        if "eval/accuracy" in record:
-            points[record["step"]] = record["eval/accuracy"]
-    return sorted(points), [points[r] for r in sorted(points)]
+    series = plots.learning_curve_series(read_jsonl(path) if path.exists() else [])
+    return series["eval"].get("eval/accuracy", ([], []))
 
 
 def _majority(workdir: str) -> float:
