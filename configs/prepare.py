@@ -53,7 +53,10 @@ def get_config(arg=None):
 
     config.split = ml_collections.ConfigDict(dict(
         mode="stratified",  # stratified | subject (disjoint subjects) | predefined (source's)
-        test_ratio=0.25, seed=0))
+        test_ratio=0.25, seed=0,
+        # mode=subject: comma-separated subject names (or ids) that form the test split,
+        # e.g. 'mery' for FERG's leave-one-character-out; '' = random subjects (test_ratio).
+        test_subjects=""))
     config.balance = ml_collections.ConfigDict(dict(
         rotation_min_deg=0.0, rotation_max_deg=90.0, both_directions=True,
         brightness_min=0.2, brightness_max=1.0, flip=0.5,

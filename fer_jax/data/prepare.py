@@ -45,11 +45,15 @@ _LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R BT.601, PIL's conve
 
 @dataclasses.dataclass(frozen=True)
 class SplitOptions:
-    """mode: 'stratified' (per class), 'subject' (disjoint subjects), 'predefined' (source's)."""
+    """mode: 'stratified' (per class), 'subject' (disjoint subjects), 'predefined' (source's).
+    test_subjects (mode 'subject'): exactly these subject ids go to test (leave-these-out, e.g.
+    one FERG character: the FedAffect paper's Table 1); empty = random whole subjects up to
+    test_ratio of the images."""
 
     mode: str = "stratified"
     test_ratio: float = 0.25
     seed: int = 0
+    test_subjects: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,6 +283,17 @@ def split_records(records, opts: SplitOptions, report: Report) -> list[Record]:
             raise ValueError("split.mode='subject' needs a subject id for every image; set "
                              "input.subject_pattern (or use a reader with subjects)")
         unique, sizes = np.unique(subjects, return_counts=True)
+        if opts.test_subjects:
+            missing = sorted(set(opts.test_subjects) - set(unique.tolist()))
+            if missing:
+                raise ValueError(f"split.test_subjects: subject ids {missing} have no image "
+                                 f"(present: {unique.tolist()})")
+            test = np.isin(subjects, list(opts.test_subjects))
+            if test.all():
+                raise ValueError("split.test_subjects holds every subject: nothing is left to "
+                                 "train on")
+            return [dataclasses.replace(r, split="test" if t else "train")
+                    for r, t in zip(records, test, strict=True)]
         perm = np.random.default_rng(opts.seed).permutation(len(unique))
         # Whole subjects go to test until it holds test_ratio of the images; one stays in train.
         cum = np.cumsum(sizes[perm])

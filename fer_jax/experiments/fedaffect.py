@@ -61,7 +61,8 @@ from fer_jax.train import Run, checks, loops
 REPRESENTATIONS = ("simclr", "none")
 ENCODER_SHARING = ("handoff", "shared")
 UNLABELED = ("rest", "all")
-DATASETS = ("synthetic", "ckplus48", "fer2013")
+DATASETS = ("synthetic", "ckplus48", "fer2013", "prepared")
+PARTITIONS = ("subject", "iid", "auto")
 EVAL_PROTOCOLS = ("within_client", "cross_client")
 ENCODERS = ("small_cnn", "resnet18", "resnet50", "resnet50v2")
 
@@ -113,7 +114,7 @@ def validate_config(config) -> None:
           "scores in [0, 1])")
     check(few.learning_rate > 0, "fewshot.learning_rate", "> 0")
     check(few.cohort_size >= 1, "fewshot.cohort_size", ">= 1")
-    check(fed.partition in ("subject", "iid"), "fed.partition", "subject or iid")
+    check(fed.partition in PARTITIONS, "fed.partition", f"one of {PARTITIONS}")
     check(fed.partition != "subject" or config.data.name != "fer2013", "fed.partition",
           "iid for FER-2013 (no subject ids)")
     check(fed.num_clients >= 1, "fed.num_clients", ">= 1")
@@ -141,7 +142,11 @@ def split_labeled(indices: np.ndarray, fraction: float, unlabeled: str, *, seed:
 def build_clients(config, train: data_lib.Split, num_classes: int) -> dict:
     """Per-client labeled / unlabeled arrays, the two populations and the skip counts."""
     fa, fed = config.fedaffect, config.fed
-    if fed.partition == "subject":
+    # auto (a prepared dataset's default): one client per subject where the images carry
+    # subject ids (FERG's characters, CK+ subjects), else fed.num_clients random clients.
+    by_subject = fed.partition == "subject" or (fed.partition == "auto"
+                                                and train.subjects is not None)
+    if by_subject:
         if train.subjects is None:
             raise ValueError(f"dataset {config.data.name!r} has no subject ids for "
                              "fed.partition='subject'")

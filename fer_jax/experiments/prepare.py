@@ -44,6 +44,8 @@ def validate_config(config) -> None:
     s, b, d = config.split, config.balance, config.detect
     check(s.mode in prepare.SPLIT_MODES, "split.mode", f"one of {prepare.SPLIT_MODES}")
     check(0 < s.test_ratio < 1, "split.test_ratio", "a fraction in (0, 1)")
+    check(not s.get("test_subjects") or s.mode == "subject", "split.test_subjects",
+          "empty unless split.mode='subject'")
     check(0 <= b.rotation_min_deg <= b.rotation_max_deg <= 180, "balance.rotation_max_deg",
           "0 <= rotation_min_deg <= rotation_max_deg <= 180")
     check(0 < b.brightness_min <= b.brightness_max, "balance.brightness_max",
@@ -63,12 +65,32 @@ def validate_config(config) -> None:
     check(config.resize.channels in (1, 3), "resize.channels", "1 or 3")
 
 
-def options_of(config) -> prepare.PrepareOptions:
-    """The typed options of the pipeline from the config's blocks."""
+def test_subject_ids(text: str, subject_names: dict[int, str] | None) -> tuple[int, ...]:
+    """config.split.test_subjects ('mery,ray' or '3,5') -> subject ids, by the reader's names."""
+    by_name = {name: i for i, name in (subject_names or {}).items()}
+    ids = []
+    for token in (t.strip() for t in text.split(",")):
+        if not token:
+            continue
+        if token in by_name:
+            ids.append(by_name[token])
+        elif token.lstrip("-").isdigit():
+            ids.append(int(token))
+        else:
+            raise ValueError(f"config.split.test_subjects: {token!r} is neither a subject name of "
+                             f"the input ({sorted(by_name) or 'it names no subjects'}) nor an id")
+    return tuple(ids)
+
+
+def options_of(config, subject_names: dict[int, str] | None = None) -> prepare.PrepareOptions:
+    """The typed options of the pipeline from the config's blocks (subject_names: the reader's
+    id -> name, to resolve split.test_subjects)."""
     d = config.detect
+    split = config.split.to_dict()
+    split["test_subjects"] = test_subject_ids(split.get("test_subjects", ""), subject_names)
     return prepare.PrepareOptions(
         steps=steps_of(config),
-        split=prepare.SplitOptions(**config.split),
+        split=prepare.SplitOptions(**split),
         balance=prepare.BalanceOptions(**config.balance),
         detect=prepare.DetectOptions(min_face_size=d.min_face_size,
                                      thresholds=tuple(d.thresholds), pad_fraction=d.pad_fraction,
@@ -93,7 +115,8 @@ def read_input(config, report_for) -> tuple[list[prepare.Record], prepare.Report
     index = readers.READERS[inp.kind](inp.path, **kwargs)
     report = report_for(index.class_names)
     records = prepare.records_from_index(index, report, crop_to_box=inp.crop_to_box)
-    info = {"subjects": len(index.subject_names)} if index.subject_names else {}
+    info = {"subjects": len(index.subject_names), "subject_names": index.subject_names} \
+        if index.subject_names else {}
     return records, report, info
 
 
@@ -102,8 +125,8 @@ def run(config, workdir: str) -> dict:
     writer = MetricWriter(workdir, tensorboard=False)
     writer.write_json("config.json", config.to_dict())
     t0 = time.perf_counter()
-    options = options_of(config)
     records, report, info = read_input(config, prepare.Report)
+    options = options_of(config, info.pop("subject_names", None))
     logging.info("read %d images of classes %s from %s", len(records), report.class_names,
                  config.input.path or config.input.data.name)
     records = prepare.run_pipeline(records, options, report)
