@@ -70,7 +70,8 @@ def encoder_variables(config, name: str, path: str, src: str):
     if not path:
         return model, variables, None
     variables, report = init_lib.initialize(
-        variables, {"path": path, "src": src, "dst": "", "skip": "dense|head", "step": 0})
+        variables, {"path": path, "src": src, "dst": "", "step": 0,
+                    "skip": "" if src else "dense|head"})  # A classifier's top is not read.
     print(f"{name}: {len(report.loaded)} leaves loaded from {path}"
           f"{'@' + src if src else ''}", flush=True)
     own = None
