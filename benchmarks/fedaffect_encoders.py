@@ -78,6 +78,7 @@ def encoder_variables(config, name: str, path: str, src: str):
     eval_json = pathlib.Path(path) / "eval.json"
     if eval_json.exists():
         ev = json.loads(eval_json.read_text())
+        ev = ev.get(config.data.eval_split, ev)  # A supervised run: {'test': {'accuracy'}}.
         own = ev.get("accuracy") if isinstance(ev.get("accuracy"), float) else None
     return model, variables, own
 
