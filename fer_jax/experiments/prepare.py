@@ -65,7 +65,7 @@ def validate_config(config) -> None:
     check(config.resize.channels in (1, 3), "resize.channels", "1 or 3")
 
 
-def test_subject_ids(text: str, subject_names: dict[int, str] | None) -> tuple[int, ...]:
+def resolve_test_subjects(text: str, subject_names: dict[int, str] | None) -> tuple[int, ...]:
     """config.split.test_subjects ('mery,ray' or '3,5') -> subject ids, by the reader's names."""
     by_name = {name: i for i, name in (subject_names or {}).items()}
     ids = []
@@ -87,7 +87,7 @@ def options_of(config, subject_names: dict[int, str] | None = None) -> prepare.P
     id -> name, to resolve split.test_subjects)."""
     d = config.detect
     split = config.split.to_dict()
-    split["test_subjects"] = test_subject_ids(split.get("test_subjects", ""), subject_names)
+    split["test_subjects"] = resolve_test_subjects(split.get("test_subjects", ""), subject_names)
     return prepare.PrepareOptions(
         steps=steps_of(config),
         split=prepare.SplitOptions(**split),
