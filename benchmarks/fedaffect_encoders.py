@@ -86,8 +86,8 @@ def encoder_variables(config, name: str, path: str, src: str):
 def features(model, variables, images, config, batch_size: int = 256):
     """(maps [N, h*w*c], pooled [N, c]) of uint8 images, eval mode."""
     import jax
-    import numpy as np
 
+    from fer_jax.evaluation.fewshot import batched_maps
     from fer_jax.steps.supervised import preprocess
 
     @jax.jit
@@ -95,15 +95,7 @@ def features(model, variables, images, config, batch_size: int = 256):
         x = preprocess(x, image_size=config.data.image_size, channels=config.data.channels)
         return model.apply(variables, x, train=False)["feature_map"]
 
-    maps = []
-    for s in range(0, len(images), batch_size):
-        chunk = images[s:s + batch_size]
-        n = len(chunk)
-        if n < batch_size:
-            chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:],
-                                                    chunk.dtype)])
-        maps.append(np.asarray(fmap(chunk))[:n])
-    maps = np.concatenate(maps)
+    maps = batched_maps(fmap, images, batch_size)
     return maps.reshape(len(maps), -1), maps.mean((1, 2))
 
 
@@ -112,7 +104,7 @@ def _interval(acc: float, n: int) -> float:
 
 
 def linear_probe(train_x, train_y, val_x, val_y, test_x, test_y, num_classes: int, *,
-                 steps: int = 500, seed: int = 0) -> dict:
+                 steps: int = 500) -> dict:
     """Softmax regression on standardised features; L2 picked on the validation split."""
     import jax
     import jax.numpy as jnp
@@ -171,29 +163,21 @@ def nearest_centroid(train_x, train_y, test_x, test_y, num_classes: int) -> dict
 
 
 def episodes(held, num_classes: int, shots: int, num_episodes: int, seed: int) -> dict:
-    """Within-client K-shot episodes on (features, labels) per held-out client."""
+    """Within-client K-shot episodes on (features, labels) per held-out client: FedAffect's
+    episode evaluation with features as 1x1 maps, prototype = mean support feature, score =
+    cosine."""
     import numpy as np
 
-    from fer_jax.data import episodes as episodes_lib
+    from fer_jax.evaluation import fewshot as fewshot_eval
 
-    per_client = -(-num_episodes // len(held))
-    accs, chance = [], []
-    for c, (x, y) in enumerate(held):
-        eps = episodes_lib.heldout_episodes(y, num_classes=num_classes, shots=shots,
-                                            num_episodes=per_client, seed=(seed, 77, c))
-        xu = _unit(x)
-        protos = _unit(x[np.maximum(eps.support_index, 0)].mean(2))    # (E, C, d)
-        scores = np.einsum("nd,ecd->enc", xu, protos)
-        pred = np.where(eps.class_valid[None, None], scores, -np.inf).argmax(-1)
-        q = eps.query_mask
-        nq = q.sum(1)
-        keep = nq > 0
-        accs.extend(((pred == y[None]) & q).sum(1)[keep] / nq[keep])
-        chance.extend([1.0 / eps.class_valid.sum()] * int(keep.sum()))
-    accs = np.asarray(accs)
-    return {"accuracy": float(accs.mean()),
-            "ci95": float(1.96 * accs.std(ddof=1) / math.sqrt(len(accs))),
-            "episodes": int(len(accs)), "chance": float(np.mean(chance))}
+    def cosine(protos, maps):  # (E, C, 1, 1, d), (n, 1, 1, d) -> (E, n, C)
+        return np.einsum("nd,ecd->enc", _unit(maps[:, 0, 0]), _unit(protos[:, :, 0, 0]))
+
+    held = [(np.asarray(x, np.float32)[:, None, None], y) for x, y in held]
+    r = fewshot_eval.evaluate(lambda x: x, cosine, held, num_classes=num_classes, shots=shots,
+                              num_episodes=num_episodes, protocol="within_client",
+                              batch_size=1024, seed=seed, support_scale=1.0)
+    return {k: r[k] for k in ("accuracy", "ci95", "episodes", "chance")}
 
 
 def evaluate_features(name, kind, f, data, num_classes, args) -> dict:
@@ -206,9 +190,9 @@ def evaluate_features(name, kind, f, data, num_classes, args) -> dict:
     t0 = time.perf_counter()
     row = {"encoder": name, "features": kind, "dim": int(train_x.shape[1])}
     row["linear_probe_100"] = linear_probe(train_x, tr_y, val_x, va_y, test_x, te_y,
-                                           num_classes, seed=args.seed)
+                                           num_classes)
     row["linear_probe_10"] = linear_probe(train_x[tenth], tr_y[tenth], val_x, va_y, test_x,
-                                          te_y, num_classes, seed=args.seed)
+                                          te_y, num_classes)
     row["nearest_centroid"] = nearest_centroid(train_x, tr_y, test_x, te_y, num_classes)
     held = [(test_x[i], te_y[i]) for i in data["held"]]
     row["shots"] = {str(k): episodes(held, num_classes, k, args.episodes, args.seed)
@@ -253,12 +237,12 @@ def plot(result, path: pathlib.Path) -> None:
               label=f"majority class {result['majority']:.3f}")
     b.axhline(1 / result["num_classes"], color="gray", ls=":",
               label=f"chance {1 / result['num_classes']:.3f}")
+    label = "the supervised classifier itself"  # One legend entry for all such rows.
     for i, r in enumerate(rows):
         if r.get("own_accuracy") is not None:
             b.plot([i - 1.5 * w, i + 1.5 * w], [r["own_accuracy"]] * 2, color="crimson", lw=2,
-                   label="the supervised classifier itself" if i == min(
-                       k for k, q in enumerate(rows) if q.get("own_accuracy") is not None)
-                   else None)
+                   label=label)
+            label = None
     b.set_xticks(list(x), labels, fontsize=7)
     b.set(ylabel=f"{result['test_split']} accuracy (95% interval)",
           title=f"{result['data']}: probes of the encoder's features")

@@ -17,7 +17,8 @@ from absl import logging
 from fer_jax.data import episodes as episodes_lib
 
 
-def _batched_maps(feature_maps, images, batch_size: int) -> np.ndarray:
+def batched_maps(feature_maps, images, batch_size: int) -> np.ndarray:
+    """feature_maps over `images` in calls of exactly batch_size (the last one zero-padded)."""
     bs = batch_size
     out = []
     for start in range(0, len(images), bs):
@@ -81,7 +82,7 @@ def evaluate(feature_maps, episode_scores, clients, *, num_classes: int, shots: 
                                             num_episodes=per_client, seed=(seed, 77, c),
                                             support_pool=pool)
         skipped_images += eps.skipped_images * per_client
-        maps = _batched_maps(feature_maps, images, batch_size)
+        maps = batched_maps(feature_maps, images, batch_size)
         n = len(images)
         n_pad = -(-n // 16) * 16  # Bucketed query count: few compiled shapes.
         maps_p = np.concatenate([maps, np.zeros((n_pad - n,) + maps.shape[1:], maps.dtype)])
@@ -152,7 +153,7 @@ def overall_accuracy(feature_maps, class_scores, support, test, *, num_classes: 
         raise ValueError("overall accuracy: the test split is empty")
     sums, counts = None, np.bincount(sup_labels, minlength=num_classes)[:num_classes]
     for start in range(0, len(sup_labels), batch_size):
-        maps = _batched_maps(feature_maps, sup_images[start:start + batch_size], batch_size)
+        maps = batched_maps(feature_maps, sup_images[start:start + batch_size], batch_size)
         if sums is None:
             sums = np.zeros((num_classes,) + maps.shape[1:], np.float64)
         np.add.at(sums, sup_labels[start:start + batch_size], maps)
@@ -167,7 +168,7 @@ def overall_accuracy(feature_maps, class_scores, support, test, *, num_classes: 
     preds, nn_preds = [], []
     for start in range(0, len(test_labels), batch_size):
         chunk = test_images[start:start + batch_size]
-        maps = _batched_maps(feature_maps, chunk, batch_size)
+        maps = batched_maps(feature_maps, chunk, batch_size)
         padded = np.concatenate([maps, np.zeros((batch_size - len(maps),) + maps.shape[1:],
                                                 maps.dtype)])
         scores = np.asarray(class_scores(protos, padded))[:len(maps)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import textwrap
 
 import matplotlib
 
@@ -28,7 +29,8 @@ def save_confusion_matrix(cm: np.ndarray, class_names, path: str | pathlib.Path,
         for j in range(len(cm)):
             ax.text(j, i, f"{norm[i, j]:.2f}\n({cm[i, j]})", ha="center", va="center", fontsize=7,
                     color="white" if norm[i, j] > 0.5 else "black")
-    ax.set_title(title)
+    # Wrapped to the figure's width (~8 title characters per inch): long run tags were cut off.
+    ax.set_title(textwrap.fill(title, width=int(8 * (size + 1.5))), fontsize=10)
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
     path = pathlib.Path(path)
