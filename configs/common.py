@@ -101,6 +101,9 @@ def fed_config(data: str = "synthetic", *, keep: tuple[str, ...] = (),
     fed.client_learning_rate = 0.05
     fed.client_momentum = 0.0
     fed.local_epochs = 1
+    # > 0: every client runs exactly this many steps (batches of its reshuffled epochs, in
+    # order) instead of local_epochs passes; needs local_epochs = 1, tail_multiple = 0.
+    fed.local_steps = 0
     fed.batch_size = 16
     # Client weight: num_examples (examples trained) | client_size (fedjax's default, with
     # drop_remainder) | uniform.

@@ -45,10 +45,12 @@ def np_grads(p, x, y):
     return {"w1": x.T @ dh, "b1": dh.sum(0), "w2": h.T @ dz, "b2": dz.sum(0)}
 
 
-def np_round(server, clients, ids, *, weighting, prox_mu=0.0, drop_remainder=False):
+def np_round(server, clients, ids, *, weighting, prox_mu=0.0, drop_remainder=False,
+             local_steps=0):
     """Sequential FedAvg: every client runs SGD over its batches in order; weighted mean delta.
 
-    drop_remainder: only full batches train. weighting: 'num_examples' (examples trained),
+    drop_remainder: only full batches train. local_steps > 0: exactly that many steps, cycling
+    through the client's batches (epochs in order). weighting: 'num_examples' (examples trained),
     'client_size' (all of the client's examples, trained or not), 'uniform', or a function of n.
     """
     deltas, weights = [], []
@@ -56,7 +58,10 @@ def np_round(server, clients, ids, *, weighting, prox_mu=0.0, drop_remainder=Fal
         x, y = clients[c]["image"].astype(np.float64), clients[c]["label"]
         trained = len(x) // BATCH * BATCH if drop_remainder else len(x)
         p = {k: v.copy() for k, v in server.items()}
-        for start in range(0, trained, BATCH):
+        starts = list(range(0, trained, BATCH))
+        if local_steps and starts:
+            starts = [starts[t % len(starts)] for t in range(local_steps)]
+        for start in starts:
             g = np_grads(p, x[start:start + BATCH], y[start:start + BATCH])
             for k in p:
                 p[k] -= LR * (g[k] + prox_mu * (p[k] - server[k]))
@@ -84,11 +89,12 @@ METHODS = {mu: fl.SupervisedClient(fl.classifier_loss(MODEL.apply), optax.sgd(LR
 
 
 def build_engine(*, weighting="num_examples", server="fedavg", prox_mu=0.0, clients_per_call=2,
-                 backend=None, mesh=None, drop_remainder=False, step_buckets=(3, 9), **kw):
+                 backend=None, mesh=None, drop_remainder=False, step_buckets=(3, 9),
+                 local_steps=0, **kw):
     model, method = MODEL, METHODS[prox_mu]
     packing = fl.PackingConfig(batch_size=BATCH, step_buckets=step_buckets,
                                clients_per_call=clients_per_call, shuffle=False,
-                               drop_remainder=drop_remainder)
+                               drop_remainder=drop_remainder, local_steps=local_steps)
     engine = fl.FederatedEngine(
         method, server_optimizer=fl.server_optimizer(server, learning_rate=1.0, momentum=0.5),
         packing=packing, backend=backend or fl.RoundBackend(), weighting=weighting,
@@ -278,6 +284,58 @@ def test_drop_remainder_does_not_compute_the_dropped_step():
     assert plan.padding_efficiency == 1.0
     assert plan.computed_examples < kept.plan(population, cohort).computed_examples
     assert plan.idle_weight == 0.0  # 'num_examples': client 4 trains nothing, weighs nothing
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_local_steps_match_numpy_fedavg(drop):
+    """local_steps = 5 with batch 4: client 4 (3 examples) repeats its one batch 5 times, client
+    0 (5 examples: a full and a partial batch) cycles them, client 3 (33 examples) sees only
+    its first 5 batches; every client is in the 5-step bucket. Two rounds vs the reference."""
+    clients, population = make_population()
+    engine, variables = build_engine(drop_remainder=drop, local_steps=5, step_buckets=(5,))
+    ref = to_np(variables)
+    state = engine.init(variables)
+    for cohort in ([0, 1, 2, 3, 4], [6, 4, 5, 1]):
+        plan = engine.plan(population, cohort)
+        assert {c.steps for c in plan.chunks} == {5}
+        state, result = engine.run_round(state, population, plan, jax.random.PRNGKey(1))
+        mean_delta = np_round(ref, clients, cohort, weighting="num_examples",
+                              drop_remainder=drop, local_steps=5)
+        ref = {k: ref[k] + mean_delta[k] for k in ref}
+        for k, v in to_np(state.variables).items():
+            np.testing.assert_allclose(v, ref[k], atol=1e-5, rtol=1e-5, err_msg=k)
+        # Examples seen: the rows of each client's 5 batches, cycling its epoch.
+        seen = 0
+        for n in np.asarray(SIZES)[cohort]:
+            rows = [min(BATCH, n - s) for s in range(0, n // BATCH * BATCH if drop else n, BATCH)]
+            seen += sum(rows[t % len(rows)] for t in range(5)) if rows else 0
+        assert result.totals["count"] == seen == result.useful_examples
+
+
+def test_local_steps_walk_through_reshuffled_epochs():
+    """With shuffling, a client's L steps are consecutive batches of its epochs: each epoch's
+    batches hold every example once, and a one-batch client reshuffles it each step; with a
+    one-batch client, local_steps = L is exactly local_epochs = L."""
+    cfg = fl.PackingConfig(batch_size=4, local_steps=7, step_buckets=(7,))
+    chunk = fl.packing.ChunkPlan(7, np.array([3, 8, 1]), np.array([10, 3, 40]))
+    index = fl.packing.example_index(chunk, cfg, seed=5, round_index=2)
+    assert index.shape == (3, 7, 4)
+    ten = index[0]  # 10 examples: 3 steps per epoch (4 + 4 + 2), epochs 0, 1 and 1 step of 2
+    for epoch in (ten[0:3], ten[3:6]):
+        assert sorted(epoch[epoch >= 0].tolist()) == list(range(10))
+        assert (epoch[2] >= 0).sum() == 2
+    assert (ten[6] >= 0).all() and len(set(ten[6].tolist())) == 4
+    assert (index[2] >= 0).all() and len(np.unique(index[2])) == 28  # 40: the first 7 batches
+    small = index[1]
+    assert all(sorted(s[s >= 0].tolist()) == [0, 1, 2] for s in small)
+    epochs = fl.PackingConfig(batch_size=4, local_epochs=7, step_buckets=(7,))
+    one = fl.packing.ChunkPlan(7, np.array([8]), np.array([3]))
+    np.testing.assert_array_equal(
+        fl.packing.example_index(one, epochs, seed=5, round_index=2)[0], small)
+    with pytest.raises(ValueError, match="local_steps=7 fixes every client's steps"):
+        fl.PackingConfig(batch_size=4, local_steps=7, local_epochs=2)
+    with pytest.raises(ValueError, match="local_steps=70 exceeds the largest step bucket"):
+        fl.PackingConfig(batch_size=4, local_steps=70)
 
 
 def test_protocol_knobs_validated():

@@ -272,8 +272,7 @@ def build_engines(config, rep_method, few_method, *, max_unlabeled: int, max_lab
     few_engine = fed_config.build_engine(
         fed, few_method, max_client_size=max(max_labeled, 1), param_filter=few_filter(config),
         batch_size=episode_sizes(config, num_classes, max_labeled)[0],
-        local_epochs=few.episodes_per_round,
-        tail_multiple=0)
+        local_epochs=1, local_steps=few.episodes_per_round, tail_multiple=0)
     return rep_engine, few_engine
 
 

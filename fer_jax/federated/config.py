@@ -3,7 +3,8 @@
 Every experiment builds its engines here, so every knob means the same thing everywhere:
   fed.server_optimizer / fed.server_learning_rate   the server's optax optimizer (0 = default)
   fed.client_optimizer / fed.client_learning_rate / fed.client_momentum
-  fed.batch_size, fed.local_epochs, fed.tail_multiple, fed.drop_remainder   packing
+  fed.batch_size, fed.local_epochs | fed.local_steps, fed.tail_multiple, fed.drop_remainder
+    packing (local_steps > 0: that many steps per client, whatever its size)
   fed.clients_per_call, fed.vmap_width, fed.unroll, fed.steps_per_call, fed.layout   the backend
     (layout 'auto': the engine picks clients per call and vmap width at the first round)
   fed.num_devices                    devices of the 'clients' mesh (0 = all)
@@ -41,7 +42,8 @@ def fed_defaults() -> dict:
                 client_optimizer="sgd", client_learning_rate=0.05, client_momentum=0.0,
                 local_epochs=1, batch_size=16, weighting="num_examples", prox_mu=0.0,
                 clients_per_call=1, tail_multiple=0, vmap_width=1, unroll=True,
-                steps_per_call=0, num_devices=0, drop_remainder=False, layout="fixed",
+                steps_per_call=0, num_devices=0, drop_remainder=False, local_steps=0,
+                layout="fixed",
                 dp=dp_defaults())
 
 
@@ -83,6 +85,11 @@ def validate(config, check, *, partitions: bool = True) -> None:
     check(_get(fed, "layout") in LAYOUTS, "fed.layout", f"one of {LAYOUTS}")
     check(not (_get(fed, "drop_remainder") and _get(fed, "tail_multiple")), "fed.drop_remainder",
           "False with fed.tail_multiple > 0 (dropping the partial batch leaves no tail step)")
+    steps = _get(fed, "local_steps")
+    check(steps >= 0, "fed.local_steps", ">= 0 (0 = fed.local_epochs passes over the data)")
+    check(not steps or (_get(fed, "local_epochs") == 1 and not _get(fed, "tail_multiple")),
+          "fed.local_steps", "0 unless fed.local_epochs = 1 and fed.tail_multiple = 0 (a fixed "
+          "number of steps per client replaces both)")
     batch = _get(fed, "batch_size")
     check(0 <= _get(fed, "tail_multiple") <= batch, "fed.tail_multiple",
           f"in [0, fed.batch_size={batch}] (0 = pad the last batch to the batch size)")
@@ -175,7 +182,9 @@ def step_buckets(fed, max_client_size: int) -> tuple[int, ...]:
     """The default step buckets, grown to fit the largest client of the run."""
     batch, tail = _get(fed, "batch_size"), _get(fed, "tail_multiple")
     most = _get(fed, "local_epochs") * -(-max_client_size // batch)
-    if tail:  # buckets then bound the full steps of one epoch (0 always allowed)
+    if _get(fed, "local_steps"):
+        most = _get(fed, "local_steps")
+    elif tail:  # buckets then bound the full steps of one epoch (0 always allowed)
         most = max(-(-max_client_size // batch) - 1, 1)
     return tuple(b for b in packing.DEFAULT_STEP_BUCKETS if b < most) + (most,)
 
@@ -199,7 +208,7 @@ def build_engine(fed, method: ClientMethod, *, max_client_size: int,
             clients_per_call=clients_per_call(fed, devices),
             step_buckets=step_buckets(fed, max_client_size),
             tail_multiple=_get(fed, "tail_multiple"),
-            drop_remainder=_get(fed, "drop_remainder")),
+            drop_remainder=_get(fed, "drop_remainder"), local_steps=_get(fed, "local_steps")),
         backend=RoundBackend(vmap_width=_get(fed, "vmap_width"), step_unroll=_get(fed, "unroll"),
                              group_unroll=_get(fed, "unroll"),
                              steps_per_call=_get(fed, "steps_per_call"),

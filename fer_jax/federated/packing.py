@@ -6,10 +6,13 @@ Packing has two halves so that every process of a multi-host run agrees on the s
   materialize_chunk: gather one chunk's examples (or only this process's rows of it).
 Each client runs `local_epochs` epochs of ceil(n / batch_size) steps; the last batch of an epoch
 is partial and masked (with `drop_remainder`, floor(n / batch_size) steps: the partial batch is
-neither trained nor computed, and a client with less than one batch trains nothing). A client's
-step count is rounded up to the smallest of a fixed set of `step_buckets`, so the round compiles
-once per bucket, never per cohort. Clients that train nothing are left out of the chunks.
-Padding efficiency = useful example slots / computed example slots.
+neither trained nor computed, and a client with less than one batch trains nothing). With
+`local_steps` = L > 0 every client that trains runs exactly L steps instead: the first L batches
+of its reshuffled epochs, one after another (a client of one batch repeats it L times; a large
+client sees part of one epoch), the "fixed local steps" protocol of e.g. FedAffect's episodes.
+A client's step count is rounded up to the smallest of a fixed set of `step_buckets`, so the
+round compiles once per bucket, never per cohort. Clients that train nothing are left out of
+the chunks. Padding efficiency = useful example slots / computed example slots.
 
 Tail batches (`tail_multiple` = g > 0): an epoch's last batch then gets its own step of
 ceil(r / g) * g rows instead of batch_size rows (r = examples left for it), so small clients do
@@ -52,6 +55,9 @@ class PackingConfig:
     drop_remainder: each epoch trains floor(n / batch_size) full batches of a fresh shuffle and
       drops the rest (fedjax's and tf.data's option); the dropped step is not computed. Excludes
       tail batches (there is no partial batch left to shape).
+    local_steps: 0 = `local_epochs` passes over the data; L > 0 = exactly L steps per client
+      whatever its size, walking through its epochs in order (local_epochs must then be 1;
+      excludes tail batches). The step buckets must hold L.
     """
 
     batch_size: int = 16
@@ -61,6 +67,7 @@ class PackingConfig:
     shuffle: bool = True
     tail_multiple: int = 0
     drop_remainder: bool = False
+    local_steps: int = 0
 
     def __post_init__(self):
         if self.batch_size < 1 or self.local_epochs < 1 or self.clients_per_call < 1:
@@ -74,10 +81,23 @@ class PackingConfig:
         if self.drop_remainder and self.tail_multiple:
             raise ValueError(f"drop_remainder leaves no partial batch for tail batches: set "
                              f"tail_multiple=0 (got {self.tail_multiple})")
+        if self.local_steps < 0:
+            raise ValueError(f"local_steps must be >= 0 (0: local_epochs passes), got "
+                             f"{self.local_steps}")
+        if self.local_steps and (self.local_epochs != 1 or self.tail_multiple):
+            raise ValueError(f"local_steps={self.local_steps} fixes every client's steps: it "
+                             f"takes local_epochs=1 and tail_multiple=0, got "
+                             f"{self.local_epochs} and {self.tail_multiple}")
+        if self.local_steps and buckets[-1] < self.local_steps:
+            raise ValueError(f"local_steps={self.local_steps} exceeds the largest step bucket "
+                             f"{buckets[-1]}: add a bucket >= {self.local_steps}")
 
     @property
     def max_examples(self) -> int:
-        """The most examples a client may hold: the largest bucket, full batches."""
+        """The most examples a client may hold: the largest bucket, full batches (any number
+        with local_steps)."""
+        if self.local_steps:
+            return np.iinfo(np.int64).max
         if self.tail_multiple:
             return (self.step_buckets[-1] + 1) * self.batch_size
         most = (self.step_buckets[-1] // self.local_epochs) * self.batch_size
@@ -117,6 +137,7 @@ class CohortPlan:
     trained: np.ndarray | None = None
     weights: np.ndarray | None = None
     population_size: int | None = None  # clients the cohort was sampled from (DP accounting)
+    local_steps: int = 0  # PackingConfig.local_steps
 
     @property
     def trained_examples(self) -> np.ndarray:
@@ -131,8 +152,15 @@ class CohortPlan:
 
     @property
     def useful_examples(self) -> int:
-        """Example slots that carry data: sum_c epochs * (examples c trains per epoch)."""
-        return int(self.trained_examples.sum()) * self.local_epochs
+        """Example slots that carry data: sum_c epochs * (examples c trains per epoch); with
+        local_steps L, sum_c of the examples in c's L batches."""
+        trained = self.trained_examples
+        if not self.local_steps:
+            return int(trained.sum()) * self.local_epochs
+        per_epoch = -(-trained // self.batch_size)  # the steps of one epoch (0: trains nothing)
+        live = per_epoch > 0
+        epochs, rest = np.divmod(self.local_steps, np.maximum(per_epoch, 1))
+        return int(np.where(live, epochs * trained + rest * self.batch_size, 0).sum())
 
     @property
     def computed_examples(self) -> int:
@@ -151,11 +179,20 @@ class CohortPlan:
         return int((self.trained_examples > 0).sum())
 
 
-def client_steps(sizes: np.ndarray, config: PackingConfig) -> np.ndarray:
-    """Local steps per client: epochs * ceil(n / batch_size) (floor with drop_remainder)."""
+def steps_per_epoch(sizes, config: PackingConfig) -> np.ndarray:
+    """ceil(n / batch_size) per client (floor with drop_remainder)."""
     sizes = np.asarray(sizes)
-    per_epoch = sizes // config.batch_size if config.drop_remainder else -(-sizes //
-                                                                          config.batch_size)
+    if config.drop_remainder:
+        return sizes // config.batch_size
+    return -(-sizes // config.batch_size)
+
+
+def client_steps(sizes: np.ndarray, config: PackingConfig) -> np.ndarray:
+    """Local steps per client: epochs * ceil(n / batch_size) (floor with drop_remainder), or
+    local_steps for every client that trains."""
+    per_epoch = steps_per_epoch(sizes, config)
+    if config.local_steps:
+        return np.where(per_epoch > 0, config.local_steps, 0)
     return config.local_epochs * per_epoch
 
 
@@ -212,7 +249,7 @@ def plan_cohort(client_ids, sizes, config: PackingConfig, weights=None) -> Cohor
             chunks.append(_chunk(ids, sizes, weights, members[start:start + k], k,
                                  steps=int(buckets[b])))
     return CohortPlan(tuple(chunks), ids, sizes, config.batch_size, config.local_epochs,
-                      trained, weights)
+                      trained, weights, local_steps=config.local_steps)
 
 
 def _chunk(ids, sizes, weights, part, k, **shape) -> ChunkPlan:
@@ -299,9 +336,10 @@ class PackedChunk:
 
 
 def _epoch_order(ids, sizes, config: PackingConfig, width: int, *, seed: int,
-                 round_index: int) -> np.ndarray:
-    """[K, E, width] example order of every epoch (-1 past a client's size)."""
-    epochs = config.local_epochs
+                 round_index: int, epochs: int | None = None) -> np.ndarray:
+    """[K, E, width] example order of every epoch (-1 past a client's size); E = `epochs`
+    (default local_epochs)."""
+    epochs = config.local_epochs if epochs is None else epochs
     pos = np.arange(width)
     if config.shuffle:
         # Per (client, epoch) permutation: argsort of hashed keys, padding keys sorted last.
@@ -316,25 +354,27 @@ def _epoch_order(ids, sizes, config: PackingConfig, width: int, *, seed: int,
 
 def example_index(chunk: ChunkPlan, config: PackingConfig, *, seed: int, round_index: int,
                   rows: slice = slice(None)) -> np.ndarray:
-    """[K, S, B] index of the client example in every slot (-1 = padding), vectorized."""
+    """[K, S, B] index of the client example in every slot (-1 = padding), vectorized.
+
+    A client's step t is batch j = t mod s of its epoch e = t // s (s = its steps per epoch);
+    it runs epochs * s steps (or local_steps), the rest of the bucket's steps stay padding.
+    """
     ids, sizes = chunk.client_ids[rows], chunk.num_examples[rows]
-    bsz, epochs = config.batch_size, config.local_epochs
-    per_epoch = chunk.steps // epochs if chunk.steps % epochs == 0 else -(-chunk.steps // epochs)
+    bsz = config.batch_size
+    per_epoch = steps_per_epoch(sizes, config)
+    steps = np.minimum(client_steps(sizes, config), chunk.steps)
+    epochs = int(np.max(-(-steps // np.maximum(per_epoch, 1)), initial=1))
     # Slots per epoch; with drop_remainder the shuffle still permutes all n examples.
-    width = max(per_epoch * bsz, int(sizes.max(initial=0)))
-    order = _epoch_order(ids, sizes, config, width, seed=seed, round_index=round_index)
-    index = np.full((len(ids), chunk.steps * bsz), -1, np.int64)
-    # Each epoch fills ceil(n / B) steps (floor with drop_remainder); the rest of the bucket's
-    # steps stay padding.
-    spe = client_steps(sizes, config) // epochs
-    for e in range(epochs):
-        for j in range(per_epoch):
-            step = e * spe + j
-            ok = (j < spe) & (step < chunk.steps)
-            r = np.flatnonzero(ok)
-            cols = step[r, None] * bsz + np.arange(bsz)[None, :]
-            index[r[:, None], cols] = order[r, e, j * bsz:(j + 1) * bsz]
-    return index.reshape(len(ids), chunk.steps, bsz)
+    width = max(int(per_epoch.max(initial=0)) * bsz, int(sizes.max(initial=0)), 1)
+    order = _epoch_order(ids, sizes, config, width, seed=seed, round_index=round_index,
+                         epochs=epochs)
+    index = np.full((len(ids), chunk.steps, bsz), -1, np.int64)
+    for t in range(int(steps.max(initial=0))):
+        r = np.flatnonzero(t < steps)
+        e, j = np.divmod(t, per_epoch[r])
+        cols = j[:, None] * bsz + np.arange(bsz)[None, :]
+        index[r, t] = order[r[:, None], e[:, None], cols]
+    return index
 
 
 def tail_example_index(chunk: ChunkPlan, config: PackingConfig, *, seed: int, round_index: int,
