@@ -493,8 +493,8 @@ def run(config, workdir: str) -> dict:
     results["clients"] = {k: v for k, v in results["clients"].items() if v is not None}
     scalars = {"eval/accuracy": result["accuracy"], "eval/ci95": result["ci95"],
                "eval/nearest_class_accuracy": result["nearest_class_accuracy"]}
-    for k, r in by_shots.items():
-        if "accuracy" in r:
+    for k, r in by_shots.items():  # eval/accuracy is already the fa.shots-shot accuracy
+        if "accuracy" in r and int(k) != fa.shots:
             scalars[f"eval/{k}shot_accuracy"] = r["accuracy"]
     if "accuracy" in overall:
         scalars["eval/overall_accuracy"] = overall["accuracy"]
