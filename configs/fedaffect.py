@@ -131,6 +131,10 @@ def get_config(arg=None):
     fa.pool_size = 64  # labeled images per few-shot local step from which the episode is drawn
     fa.train_encoder = True  # LocalFewShot trains f and g jointly (False: f frozen there)
     fa.eval_episodes = 500  # >= 500 episodes on held-out clients (mean and 95% interval)
+    # The learning curve's held-out points: every curve_every_rounds rounds (0 = only the final
+    # evaluation), K-shot accuracy over the same curve_episodes episodes each time.
+    fa.curve_every_rounds = 10
+    fa.curve_episodes = 100
     fa.num_heldout_clients = 0  # > 0: the eval split cut into this many random held-out clients
     # within_client: supports and queries from one held-out client; cross_client: supports from
     # one, queries from the next (CK+48's default: a subject's images of one class are frames of

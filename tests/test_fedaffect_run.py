@@ -198,9 +198,17 @@ def test_paper_and_real_data_configs_validate(make_config):
 def test_centralized_runlocal(make_config, tmp_path):
     # Cross-client episodes (CK+48's default protocol): supports of one unseen subject,
     # queries of the next.
+    # Held-out points of the learning curve after rounds 1 and 2 (same 20 episodes), then the
+    # final evaluation's at round 3.
     config = _config(make_config, "runlocal,mode=centralized",
-                         **{"fedaffect.eval_protocol": "cross_client"})
+                     **{"fedaffect.eval_protocol": "cross_client",
+                        "fedaffect.curve_every_rounds": 1, "fedaffect.curve_episodes": 20})
     results = fedaffect.run(config, str(tmp_path))
+    records = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    curve = [(r["step"], r["eval/accuracy"]) for r in records if "eval/accuracy" in r]
+    assert [step for step, _ in curve] == [1, 2, 3]
+    assert all(0 <= acc <= 1 for _, acc in curve)
+    assert curve[-1][1] == results["fewshot"]["accuracy"]
     assert results["mode"] == "centralized" and 0 <= results["fewshot"]["accuracy"] <= 1
     assert results["fewshot"]["protocol"] == "cross_client"
     assert results["fewshot"]["episodes"] >= config.fedaffect.eval_episodes

@@ -96,6 +96,9 @@ def validate_config(config) -> None:
           "fedaffect.eval_shots", "a non-empty tuple of ints >= 1")
     check(fa.pool_size >= 2, "fedaffect.pool_size", ">= 2")
     check(fa.eval_episodes >= 1, "fedaffect.eval_episodes", ">= 1")
+    check(fa.get("curve_every_rounds", 0) >= 0, "fedaffect.curve_every_rounds",
+          ">= 0 (0 = only the final evaluation)")
+    check(fa.get("curve_episodes", 1) >= 1, "fedaffect.curve_episodes", ">= 1")
     check(fa.num_heldout_clients >= 0, "fedaffect.num_heldout_clients", ">= 0")
     check(fa.eval_protocol in EVAL_PROTOCOLS, "fedaffect.eval_protocol",
           f"one of {EVAL_PROTOCOLS}")
@@ -334,17 +337,17 @@ def support_scale(config) -> float | None:
 
 
 def evaluate_fewshot(few_params, few_model, clients, *, num_classes: int, config, seed: int,
-                     shots: int | None = None) -> dict:
+                     shots: int | None = None, num_episodes: int | None = None) -> dict:
     """`fer_jax.evaluation.fewshot.evaluate` with the few-shot learner's feature maps and
-    scores (see there); `config.fedaffect` gives the episodes and the protocol; K = `shots`
-    (default the training K)."""
+    scores (see there); `config.fedaffect` gives the episodes (`num_episodes` overrides
+    their number) and the protocol; K = `shots` (default the training K)."""
     kw = dict(model=few_model, image_size=config.data.image_size, channels=config.data.channels)
     fa = config.fedaffect
     return fewshot_eval.evaluate(
         lambda x: steps.feature_maps(few_params, x, **kw),
         lambda protos, maps: steps.episode_scores(few_params, protos, maps, model=few_model),
         clients, num_classes=num_classes, shots=shots or fa.shots,
-        num_episodes=fa.eval_episodes, protocol=fa.eval_protocol,
+        num_episodes=num_episodes or fa.eval_episodes, protocol=fa.eval_protocol,
         batch_size=config.eval_batch_size, seed=seed, support_scale=support_scale(config))
 
 
@@ -450,7 +453,19 @@ def run(config, workdir: str) -> dict:
     round_fn, state, place = (_federated_rounds if federated else _centralized_rounds)(
         config, clients, train, rep_method, few_method, rep_vars, few_vars, use_simclr)
     state, start = run.restore(state, place=place, unit="round")
-    state = loops.rounds(run, state, round_fn, num_rounds=fed.rounds, start=start)
+
+    def curve(state, r):
+        """The learning curve's held-out point: K-shot accuracy on the same
+        `fedaffect.curve_episodes` episodes every time (the final evaluation draws more)."""
+        few_params = jax.device_get(round_fn.variables(state))[1]["params"]
+        res = evaluate_fewshot(few_params, few_model, held, num_classes=num_classes,
+                               config=config, seed=config.seed, num_episodes=fa.curve_episodes)
+        run.writer.write(r, {"eval/accuracy": res["accuracy"], "eval/ci95": res["ci95"]})
+        logging.info("round %d: held-out %d-shot accuracy %.3f +- %.3f (%d episodes)", r,
+                     fa.shots, res["accuracy"], res["ci95"], res["episodes"])
+
+    state = loops.rounds(run, state, round_fn, num_rounds=fed.rounds, start=start,
+                         eval_every=fa.get("curve_every_rounds", 0), evaluate=curve)
     train_seconds = time.perf_counter() - t_start
     rep_final, few_final = (jax.device_get(round_fn.variables(state)))
 
