@@ -3,6 +3,8 @@ with a marker per group (subject / client), so identity clusters can be told fro
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 
 
@@ -79,7 +81,8 @@ def save_embedding_plot(points: np.ndarray, labels: np.ndarray, class_names, pat
                     for i, g in enumerate(group_ids[:len(MARKERS)])]
     ax.legend(handles=handles, fontsize=6.5, markerscale=1.2, loc="center left",
               bbox_to_anchor=(1.01, 0.5), frameon=False)
-    ax.set_title(title, fontsize=9)
+    # Wrapped to the axes' width (~14 characters per inch at 9 pt): a run tag made it overflow.
+    ax.set_title(textwrap.fill(title, width=70), fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
     fig.tight_layout()
