@@ -103,6 +103,9 @@ def get_config(arg=None):
     config.model.relation_features = 64  # Sung et al. 2018.
     config.model.relation_hidden = 8
     config.model.relation_norm = "group"  # group | none: GroupNorm after each conv block
+    # relu (Sung et al.) | leaky_relu: the 8-unit hidden layer's activation; with ReLU all 8
+    # units died in one FER-2013 seed of three (constant scores from round 1).
+    config.model.relation_hidden_activation = "relu"
     # The model is {rep: encoder + projector, few: encoder + relation module}: dst='rep/encoder'
     # starts the encoder both learners use (the few-shot one is handed it every round);
     # path '' = random init (WORKSPACE.md#init).

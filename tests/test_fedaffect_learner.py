@@ -302,3 +302,41 @@ def test_relation_output_bias_only_where_the_loss_sees_it(make_config, loss):
     params = few.relation.init(jax.random.PRNGKey(0), pairs)["params"]
     assert ("bias" in params["fc2"]) == (loss == "mse")
     assert "bias" in params["fc1"]
+
+
+@pytest.mark.parametrize("activation,slope", [("relu", 0.0), ("leaky_relu", 0.01)])
+def test_relation_hidden_units_dead_or_leaky(activation, slope):
+    """Every fc1 unit negative on every pair (the FER-2013 seed that never learned): with ReLU
+    the logits are constant and no gradient reaches fc1; leaky_relu keeps slope 0.01 of it.
+    Checked against the layer written out in NumPy."""
+    module = relation.RelationModule(features=4, hidden=3, norm="group",
+                                     hidden_activation=activation)
+    pairs = jax.random.normal(jax.random.PRNGKey(0), (5, 4, 4, 6))
+    params = module.init(jax.random.PRNGKey(1), pairs)["params"]
+    params["fc1"]["bias"] = jnp.full((3,), -100.0)  # every unit off on every pair
+
+    def logits(p):
+        return module.apply({"params": p}, pairs, logits=True)
+
+    out = np.asarray(logits(params))
+    grads = jax.grad(lambda p: logits(p).sum())(params)
+    # NumPy from fc1's input on: out = act(x @ W1 + b1) @ w2 + b2.
+    x = np.asarray(module.apply({"params": params}, pairs, method=_fc1_input))
+    h = x @ np.asarray(params["fc1"]["kernel"]) + np.asarray(params["fc1"]["bias"])
+    assert (h < 0).all()
+    act = np.where(h > 0, h, slope * h)
+    bias = np.asarray(params["fc2"].get("bias", np.zeros(1)))[0]
+    np.testing.assert_allclose(out, act @ np.asarray(params["fc2"]["kernel"])[:, 0] + bias,
+                               rtol=1e-4, atol=1e-4)
+    w2 = np.asarray(params["fc2"]["kernel"])[:, 0]
+    np.testing.assert_allclose(np.asarray(grads["fc1"]["bias"]), slope * len(pairs) * w2,
+                               rtol=1e-4, atol=1e-6)
+    if activation == "relu":
+        assert np.ptp(out) == 0.0
+
+
+def _fc1_input(m, y):
+    """The flattened input of fc1 (conv blocks and pools of RelationModule.head)."""
+    x = relation._pool(jax.nn.relu(m.norm1(m.conv1(y))))
+    x = relation._pool(jax.nn.relu(m.norm2(m.conv2(x))))
+    return x.reshape(x.shape[0], -1)

@@ -179,6 +179,7 @@ def test_run_without_unlabeled_or_labeled_clients_fails_clearly(make_config, tmp
     ("repr.batch_size", 1, "repr.batch_size"),
     ("fedaffect.unlabeled", "some", "fedaffect.unlabeled"),
     ("model.relation_norm", "batch", "model.relation_norm"),
+    ("model.relation_hidden_activation", "tanh", "model.relation_hidden_activation"),
     ("fedaffect.eval_protocol", "pairs", "fedaffect.eval_protocol"),
 ])
 def test_validate_config_names_the_field(make_config, field, value, match):

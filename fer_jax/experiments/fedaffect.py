@@ -79,6 +79,8 @@ def validate_config(config) -> None:
           "into its statistics)")
     check(config.model.get("relation_norm", "none") in relation.NORMS, "model.relation_norm",
           f"one of {relation.NORMS}")
+    check(config.model.get("relation_hidden_activation", "relu") in relation.HIDDEN_ACTIVATIONS,
+          "model.relation_hidden_activation", f"one of {tuple(relation.HIDDEN_ACTIVATIONS)}")
     fa, rep, few, fed = config.fedaffect, config.repr, config.fewshot, config.fed
     check(config.mode in checks.MODES, "mode", f"one of {checks.MODES}")
     check(fa.representation in REPRESENTATIONS, "fedaffect.representation",
@@ -201,7 +203,8 @@ def build_models(config, num_classes: int):
         projector_out=m.projector_out, relation_features=m.relation_features,
         relation_hidden=m.relation_hidden, relation_norm=m.get("relation_norm", "none"),
         head=config.fewshot.get("head", "relation"),
-        relation_output_bias=config.fewshot.get("loss", "mse") != "ce")
+        relation_output_bias=config.fewshot.get("loss", "mse") != "ce",
+        relation_hidden_activation=m.get("relation_hidden_activation", "relu"))
 
 
 def init_variables(config, rep_model, few_model, num_classes: int):

@@ -35,6 +35,10 @@ from fer_jax import losses
 from fer_jax.models import layers
 
 NORMS = ("none", "group")  # Per-example norms only (BatchNorm would mix padded pairs in).
+# The dense hidden layer's activation. Sung et al.: ReLU on 8 units, which can all die: on
+# FER-2013 one seed of three ended with every unit negative on every pair from round 1, a
+# constant score and no gradient to anything below it (docs/results.md#fedaffect-fer2013-fewshot).
+HIDDEN_ACTIVATIONS = {"relu": jax.nn.relu, "leaky_relu": jax.nn.leaky_relu}
 
 
 class RelationModule(nn.Module):
@@ -59,9 +63,12 @@ class RelationModule(nn.Module):
     # classes (fewshot.loss='ce'), which cancels it: like a bias before GroupNorm, its gradient
     # would be float noise that Adam scales into full-size steps.
     output_bias: bool = True
+    hidden_activation: str = "relu"  # relu (Sung et al.) | leaky_relu (slope 0.01: never dead)
 
     def setup(self):
         layers.check_choice(self.norm, NORMS, name="norm")
+        layers.check_choice(self.hidden_activation, tuple(HIDDEN_ACTIVATIONS),
+                            name="hidden_activation")
         # A bias before GroupNorm is cancelled by it: its gradient is zero up to float noise,
         # which Adam would scale into full-size steps. The convs carry one only without a norm.
         bias = self.norm == "none"
@@ -85,7 +92,7 @@ class RelationModule(nn.Module):
         `logits`, the pre-sigmoid outputs: the logits of `losses.episode_cross_entropy`)."""
         x = _pool(nn.relu(self.norm1(pre)))
         x = _pool(nn.relu(self.norm2(self.conv2(x))))
-        x = nn.relu(self.fc1(x.reshape(x.shape[0], -1)))
+        x = HIDDEN_ACTIVATIONS[self.hidden_activation](self.fc1(x.reshape(x.shape[0], -1)))
         out = self.fc2(x)[:, 0]
         return out if logits else nn.sigmoid(out)
 
@@ -194,10 +201,12 @@ def build_learners(encoder: nn.Module, *, num_classes: int, projector_hidden: in
                    projector_out: int = 128, relation_features: int = 64,
                    relation_hidden: int = 8, relation_norm: str = "none",
                    head: str = "relation", relation_output_bias: bool = True,
+                   relation_hidden_activation: str = "relu",
                    ) -> tuple[RepresentationLearner, FewShotLearner]:
     """The two FedAffect models sharing one encoder architecture (separate parameters)."""
     rep = RepresentationLearner(encoder, ProjectionHead(projector_hidden, projector_out))
     few = FewShotLearner(encoder, RelationModule(relation_features, relation_hidden,
-                                                 relation_norm, relation_output_bias),
+                                                 relation_norm, relation_output_bias,
+                                                 relation_hidden_activation),
                          num_classes, head)
     return rep, few
