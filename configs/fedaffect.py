@@ -36,9 +36,10 @@ mode=federated|centralized, representation=simclr|none, model=small_cnn|resnet18
 
 The few-shot learner's options (issue 16: Algorithm 1 as written does not learn on real faces;
 the relation module collapses to a constant score). Defaults = what learned best where measured
-(embedded default 1-shot 0.21 -> 0.39; CK+48 fold 0, 3 seeds, 0.78 -> 0.88; on FER-2013 at CPU
-budgets not measurable, a few-shot round 1 took 13 min; encoder probes in
-docs/results.md#fedaffect-encoders-fer2013); `paper_protocol` =
+(embedded default 1-shot 0.21 -> 0.39; CK+48 fold 0, 3 seeds, 0.78 -> 0.88; FER-2013, 10%
+labels, 20 rounds of 16 episodes per client, 12-16 min: 1-shot 0.175 random encoder, 0.21-0.22
+from a SimCLR encoder in 2 seeds of 3, docs/results.md#fedaffect-fer2013-fewshot);
+`paper_protocol` =
 Algorithm 1 as written:
   option                        default             paper_protocol
   fewshot.loss                  ce                  mse   (relation MSE, Sung et al. Eq. 2)
