@@ -486,9 +486,9 @@ def run(config, workdir: str) -> dict:
         overall = {**overall, "confusion_matrix": overall["confusion_matrix"].tolist()}
     few = config.fewshot
     init = config.get("init")
-    start = f"init {config.init.path.rstrip('/').split('/')[-1]}" if init and init.path \
+    origin = f"init {config.init.path.rstrip('/').split('/')[-1]}" if init and init.path \
         else "random init"
-    tag = (f"{config.mode}, encoder {start}{' + SimCLR' if use_simclr else ''}, "
+    tag = (f"{config.mode}, encoder {origin}{' + SimCLR' if use_simclr else ''}, "
            f"{few.get('head', 'relation')}/{few.get('loss', 'mse')}, "
            f"{fa.get('encoder_sharing', 'handoff')}")
     plots.save_confusion_matrix(
