@@ -39,8 +39,7 @@ the relation module collapses to a constant score). Defaults = what learned best
 (embedded default 1-shot 0.21 -> 0.39; CK+48 fold 0, 3 seeds, 0.78 -> 0.88; FER-2013, 10%
 labels, 20 rounds of 16 episodes per client, 12-16 min: 1-shot 0.175 random encoder, 0.21-0.22
 from a SimCLR encoder in 2 seeds of 3, docs/results.md#fedaffect-fer2013-fewshot);
-`paper_protocol` =
-Algorithm 1 as written:
+`paper_protocol` = Algorithm 1 as written:
   option                        default             paper_protocol
   fewshot.loss                  ce                  mse   (relation MSE, Sung et al. Eq. 2)
   fewshot.head                  relation            relation   (prototypical: Snell et al.
