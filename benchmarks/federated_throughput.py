@@ -11,8 +11,11 @@ interleaved round after round (A B C A B C: the machine's speed drifts), it time
            last batch padded and masked: one compiled shape), deltas summed on device;
   central  the centralized floor: one jitted SGD step per batch of 16 over the cohort's examples;
 and reports client updates/s, useful examples/s, start-up (process start, imports included, to
-the end of the engine's first round), compile seconds, peak RSS and the ratios engine / plain
-and engine / central. Round 1 of engine and plain must agree (max |difference| reported).
+the end of the engine's first round) on a cold and on a warm persistent compilation cache (a
+second process on the cache the first filled, as a rerun of `fer_jax.main` finds it), compile
+seconds, peak RSS and the ratios engine / plain and engine / central. The chosen layout prints
+as KxV and sL (L local steps per call; s* = all in one call). Round 1 of engine and plain
+must agree (max |difference| reported).
 --layouts adds hand-set engine layouts (KxV: K clients per call, vmap width V) to compare with
 the automatic one; --devices N makes the host N JAX devices (one per core).
 
@@ -33,6 +36,7 @@ import pathlib  # noqa: E402
 import resource  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "federated_throughput_auto.json"
 BATCH, LR = 16, 0.05
@@ -159,12 +163,19 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_one(model_name, cohort, layouts, repeats, population_size, devices):
-    """One (model, cohort) in this process; returns a dict of measurements."""
+def run_one(model_name, cohort, layouts, repeats, population_size, devices, cache_dir=None,
+            startup_only=False):
+    """One (model, cohort) in this process; returns a dict of measurements.
+
+    cache_dir: JAX's persistent compilation cache there (as `fer_jax.main` enables it).
+    startup_only: only the engine's start-up (a warm-cache rerun); no timed rounds."""
     import jax
 
     if devices > 1:
         jax.config.update("jax_num_cpu_devices", devices)
+    if cache_dir:
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     import jax.numpy as jnp
     import numpy as np
     import optax
@@ -207,6 +218,9 @@ def run_one(model_name, cohort, layouts, repeats, population_size, devices):
                         "first_round_s": time.perf_counter() - t0 - compile_s,
                         "startup_s": time.perf_counter() - T_START, "times": [],
                         "layout": result.layout, "rss_mb": rss_mb()}
+    if startup_only:
+        return {layout: {k: arm[k] for k in ("compile_s", "first_round_s", "startup_s")}
+                for layout, arm in arms.items()}
     plain = PlainLoop(loss_fn, variables)
     t0 = time.perf_counter()
     plain.round(population, sampler.sample(0, 0))
@@ -263,6 +277,20 @@ def spawn(args):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def measure(args):
+    """One (model, cohort): a cold start into a fresh compilation cache (the timed run), then
+    a second process on the now warm cache (start-up only)."""
+    with tempfile.TemporaryDirectory(prefix="fer_jax_bench_cache_") as cache:
+        r = spawn([*args, cache, False])
+        if "error" in r:
+            return r
+        warm = spawn([*args, cache, True])
+    for layout, e in r["engine"].items():
+        e["startup_warm_s"] = warm.get(layout, {}).get("startup_s", float("nan"))
+        e["compile_warm_s"] = warm.get(layout, {}).get("compile_s", float("nan"))
+    return r
+
+
 def rows(r):
     if "error" in r:
         return [f"{r['config']}: ERROR"]
@@ -271,9 +299,11 @@ def rows(r):
         chosen = e["layout"]
         lines.append(
             f"{r['model']:5s} {r['cohort']:5d} {layout:6s} "
-            f"{chosen['clients_per_call']:3d}x{chosen['vmap_width']:<3d} {e['s_per_round']:8.3f} "
+            f"{chosen['clients_per_call']:3d}x{chosen['vmap_width']:<3d}"
+            f"{'s' + str(chosen.get('steps_per_call') or '*'):3s} {e['s_per_round']:8.3f} "
             f"{e['client_updates_per_s']:8.1f} {e['useful_examples_per_s']:9.0f} "
-            f"{e['startup_s']:7.1f} {e['compile_s']:7.1f} {r['peak_rss_mb']:6.0f} "
+            f"{e['startup_s']:7.1f} {e['startup_warm_s']:6.1f} {e['compile_s']:7.1f} "
+            f"{r['peak_rss_mb']:6.0f} "
             f"{r['plain']['s_per_round']:8.3f} {r['central']['examples_per_s']:9.0f} "
             f"{e['ratio_vs_plain']:5.2f} {e['ratio_vs_central']:5.2f} "
             f"{r['round1_max_abs_diff_engine_vs_plain']:.1e}")
@@ -296,12 +326,12 @@ def main():
         print(json.dumps(run_one(*json.loads(args.one))))
         return
     layouts = args.layouts.split(",")
-    print("model cohort layout chosen  s/round  upd/s   useful/s startup compile RSS_MB "
+    print("model cohort layout chosen  s/round  upd/s   useful/s startup warm compile RSS_MB "
           "plain_s  central/s  x_plain x_central diff", flush=True)
     results = []
     for m in args.models.split(","):
         for c in (int(x) for x in args.cohorts.split(",")):
-            r = spawn([m, c, layouts, args.repeats, args.population, args.devices])
+            r = measure([m, c, layouts, args.repeats, args.population, args.devices])
             results.append(r)
             print("\n".join(rows(r)), flush=True)
             RESULTS.parent.mkdir(parents=True, exist_ok=True)

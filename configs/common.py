@@ -116,9 +116,10 @@ def fed_config(data: str = "synthetic", *, keep: tuple[str, ...] = (),
     fed.unroll = True
     fed.steps_per_call = 0
     fed.num_devices = 0  # devices of the 'clients' mesh; 0 = all
-    # fixed: clients_per_call / vmap_width / unroll as given | auto: the engine picks them at the
-    # first round (conv models on CPU: 1 x 1 unrolled; others: a short timed probe).
-    fed.layout = "fixed"
+    # auto: the engine picks clients_per_call / vmap_width / unroll at the first round (conv
+    # models on CPU: 1 client per call, one local step per call unless steps_per_call is set;
+    # others: a short timed probe; WORKSPACE.md#engine-knobs) | fixed: those three as given.
+    fed.layout = "auto"
     fed.dp = dp_config()
     fed.update(overrides)
     if keep:  # weighting and dp stay: client-level DP works for every method (and needs both)

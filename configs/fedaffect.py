@@ -15,7 +15,8 @@ FER-2013 in 5 random clients (the paper's Table 2), PrivateTest as the held-out 
   python -m fer_jax.main --config=configs/fedaffect.py:data=fer2013 --workdir=/tmp/fa_fer
 Paper scale (ResNet-50 V2 encoder at 96x96x3, every client every round; for accelerators):
   python -m fer_jax.main --config=configs/fedaffect.py:data=ckplus48,paper --workdir=DIR \
-      --config.fed.unroll=False --config.fed.vmap_width=8 --config.fed.clients_per_call=8
+      --config.fed.layout=fixed --config.fed.unroll=False --config.fed.vmap_width=8 \
+      --config.fed.clients_per_call=8
 
 FERG-DB, leave one character out (the paper's Table 1): prepare it with that character as the
 test split, then train on the other five (one client each) and test on the one left out:

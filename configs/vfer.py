@@ -90,6 +90,7 @@ def get_config(arg=None):
         keep=("rounds", "server_optimizer", "server_learning_rate", "clients_per_call",
               "vmap_width", "unroll", "steps_per_call", "num_devices", "layout"))
     fed.rounds = 2
+    fed.layout = "fixed"
     fed.clients_per_call = 8
     fed.vmap_width = 8
     fed.unroll = False

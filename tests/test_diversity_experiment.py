@@ -171,7 +171,7 @@ def test_manet_runlocal_end_to_end(tmp_path, make_config):
 def test_esr_federated_end_to_end(tmp_path, make_config):
     config = make_config("esr", "runlocal,mode=federated", **{**TINY,
         # A chunk must cover every (fake, conftest) device of the clients mesh.
-        "fed.clients_per_call": jax.device_count(),
+        "fed.layout": "fixed", "fed.clients_per_call": jax.device_count(),
         "fed.rounds": 2, "fed.cohort_size": 2, "fed.batch_size": 16, "eval_every_rounds": 1,
         "checkpoint_every_rounds": 1, "model.kwargs.num_branches": 2,
         "model.kwargs.width": 0.125})

@@ -58,12 +58,22 @@ def test_fedavg_round_metrics_and_exact_resume(tmp_path, make_config):
     ("fed.server_optimizer", "fedsgd", "config.fed.server_optimizer='fedsgd'"),
     ("fed.dirichlet_alpha", 0.0, "config.fed.dirichlet_alpha=0.0"),
     ("fed.tail_multiple", 17, "config.fed.tail_multiple=17"),
+    # The automatic layout chooses these: a value set beside it would be silently ignored.
+    ("fed.clients_per_call", 4, "config.fed.clients_per_call=4.*fed.layout='fixed'"),
+    ("fed.unroll", False, "config.fed.unroll=False.*fed.layout='fixed'"),
 ])
 def test_bad_values_name_the_field(field, value, message, make_config):
     from fer_jax.experiments import supervised as fedavg
 
-    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+    with pytest.raises(ValueError, match=message.replace(".", r"\.").replace(r"\.*", ".*")):
         fedavg.validate_config(make_config("fedavg", "runlocal", **BASE, **{field: value}))
+
+
+def test_fixed_layout_takes_the_layout_knobs(make_config):
+    from fer_jax.experiments import supervised as fedavg
+
+    fedavg.validate_config(make_config("fedavg", "runlocal", **BASE, **{
+        "fed.layout": "fixed", "fed.clients_per_call": 4, "fed.unroll": False}))
 
 
 def test_subject_partition_needs_subject_ids(make_config):

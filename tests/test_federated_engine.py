@@ -317,13 +317,30 @@ def test_auto_layout_keeps_convolutions_unvmapped_on_cpu():
     population = fl.ArrayPopulation({"image": rng.normal(size=(40, 5, 5)).astype(np.float32),
                                      "label": rng.integers(0, 3, 40).astype(np.int32)},
                                     [10, 10, 10, 10])
-    engine = fl.FederatedEngine(fl.SupervisedClient(fl.classifier_loss(Conv().apply),
-                                                    optax.sgd(0.1)),
-                                packing=fl.PackingConfig(batch_size=4),
-                                mesh=fl.clients_mesh(jax.devices()[:1]))
-    engine.init(Conv().init(jax.random.PRNGKey(0), jnp.zeros((1, 5, 5)), train=False))
-    engine.plan(population, [0, 1, 2, 3])
+    method = fl.SupervisedClient(fl.classifier_loss(Conv().apply), optax.sgd(0.1))
+    variables = Conv().init(jax.random.PRNGKey(0), jnp.zeros((1, 5, 5)), train=False)
+    mesh = fl.clients_mesh(jax.devices()[:1])
+
+    def trained(backend):
+        engine = fl.FederatedEngine(method, packing=fl.PackingConfig(batch_size=4),
+                                    backend=backend, mesh=mesh)
+        state = engine.init(variables)
+        plan = engine.plan(population, [0, 1, 2, 3])
+        state, _ = engine.run_round(state, population, plan, jax.random.PRNGKey(1))
+        return engine, jax.tree.map(np.asarray, state.variables)
+
+    engine, auto = trained(None)
     assert engine.layout["source"].startswith("cost model")
-    assert (engine.layout["clients_per_call"], engine.layout["vmap_width"]) == (1, 1)
+    # One client per call, unvmapped, one local step per call (segmented rounds).
+    assert (engine.layout["clients_per_call"], engine.layout["vmap_width"],
+            engine.layout["steps_per_call"]) == (1, 1, 1)
+    assert engine.spec.backend.steps_per_call == 1
+    # Same round as the one-call layout (3 steps per client unrolled in one program).
+    _, one_call = trained(fl.RoundBackend(vmap_width=1))
+    for a, b in zip(jax.tree.leaves(auto), jax.tree.leaves(one_call), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # A steps_per_call the user set is kept.
+    engine, _ = trained(fl.RoundBackend.auto(steps_per_call=2))
+    assert engine.layout["steps_per_call"] == 2
     with pytest.raises(ValueError, match="layout 'best' is not one of"):
         fl.RoundBackend(layout="best")

@@ -6,7 +6,8 @@ Every experiment builds its engines here, so every knob means the same thing eve
   fed.batch_size, fed.local_epochs | fed.local_steps, fed.tail_multiple, fed.drop_remainder
     packing (local_steps > 0: that many steps per client, whatever its size)
   fed.clients_per_call, fed.vmap_width, fed.unroll, fed.steps_per_call, fed.layout   the backend
-    (layout 'auto': the engine picks clients per call and vmap width at the first round)
+    (layout 'auto', the default: the engine picks clients per call, vmap width, unrolling and,
+    for convolutions on CPU, one step per call at the first round; 'fixed': the knobs as set)
   fed.num_devices                    devices of the 'clients' mesh (0 = all)
   fed.weighting, fed.prox_mu
   fed.dp.*                           client-level DP-FedAvg (fer_jax.federated.dp): enabled,
@@ -43,7 +44,7 @@ def fed_defaults() -> dict:
                 local_epochs=1, batch_size=16, weighting="num_examples", prox_mu=0.0,
                 clients_per_call=1, tail_multiple=0, vmap_width=1, unroll=True,
                 steps_per_call=0, num_devices=0, drop_remainder=False, local_steps=0,
-                layout="fixed",
+                layout="auto",
                 dp=dp_defaults())
 
 
@@ -83,6 +84,11 @@ def validate(config, check, *, partitions: bool = True) -> None:
     check(_get(fed, "steps_per_call") >= 0, "fed.steps_per_call", ">= 0 (0 = one call)")
     check(_get(fed, "num_devices") >= 0, "fed.num_devices", ">= 0 (0 = every device)")
     check(_get(fed, "layout") in LAYOUTS, "fed.layout", f"one of {LAYOUTS}")
+    if _get(fed, "layout") == "auto":  # the engine chooses these: a set value would be ignored
+        for name in ("clients_per_call", "vmap_width", "unroll"):
+            check(_get(fed, name) == fed_defaults()[name], f"fed.{name}",
+                  f"{fed_defaults()[name]} (its default) with fed.layout='auto', which chooses "
+                  f"it; set fed.layout='fixed' to use {_get(fed, name)!r}")
     check(not (_get(fed, "drop_remainder") and _get(fed, "tail_multiple")), "fed.drop_remainder",
           "False with fed.tail_multiple > 0 (dropping the partial batch leaves no tail step)")
     steps = _get(fed, "local_steps")
