@@ -42,6 +42,9 @@ def test_fedavg_round_metrics_and_exact_resume(tmp_path, make_config):
         assert r["round/examples"] == 3 * 8 * 3  # 3 clients x 8 classes x 3 images.
         assert 0 < r["round/padding_efficiency"] <= 1
         assert np.isfinite(r["train/loss"])
+        # The automatic layout for a CNN on CPU: a client per device, one local step per call.
+        assert (r["layout/clients_per_call"], r["layout/vmap_width"],
+                r["layout/steps_per_call"]) == (jax.device_count(), 1, 1)
     step, straight = _params(tmp_path)
     assert step == 4
 

@@ -487,7 +487,8 @@ def run(config, workdir: str) -> dict:
             server, result = engine.run_round(server, population, plan, run_key,
                                               seed=config.seed, local_store=store)
             tune_loss = result.totals["loss_sum"] / max(result.totals["count"], 1)
-            dp_logged = loops.dp_metrics(result)  # client-level DP (fed.dp): epsilon so far
+            # The layout the round ran and, with client-level DP (fed.dp), epsilon so far.
+            dp_logged = {**loops.layout_metrics(result), **loops.dp_metrics(result)}
         else:
             # Every subject skipped (no video above p_threshold): nothing is sent, the central
             # model stays as it was and every subject keeps it (counted in the report).

@@ -194,11 +194,35 @@ def centralized(run, method, variables, train: dict, *, batch_size: int, total_s
 
 
 def round_metrics(result: fl.RoundResult) -> dict:
-    """A round's `train/*` means, `round/*` counters (clients, examples, padding) and, with
-    client-level DP, `dp/*` (epsilon so far, clip norm, noise std, clipped fraction)."""
+    """A round's `train/*` means, `round/*` counters (clients, examples, padding), the
+    engine's layout (`layout/clients_per_call`, `vmap_width`, `steps_per_call`: what the
+    automatic layout chose) and, with client-level DP, `dp/*` (epsilon so far, clip norm, noise
+    std, clipped fraction)."""
     return {**step_metrics(result.totals), "round/clients": result.client_updates,
             "round/examples": result.useful_examples,
-            "round/padding_efficiency": result.padding_efficiency, **dp_metrics(result)}
+            "round/padding_efficiency": result.padding_efficiency, **layout_metrics(result),
+            **dp_metrics(result)}
+
+
+def layout_metrics(result: fl.RoundResult, prefix: str = "layout") -> dict:
+    """`{prefix}/clients_per_call`, `vmap_width`, `steps_per_call` (0 = all in one call): the
+    layout the round ran (chosen by the engine with layout 'auto')."""
+    keys = ("clients_per_call", "vmap_width", "steps_per_call")
+    return {f"{prefix}/{k}": int(result.layout[k]) for k in keys
+            if result.layout and k in result.layout}
+
+
+def log_layout(name: str, engine: fl.FederatedEngine) -> None:
+    """Logs an engine's layout (call after its first plan(): an automatic one is chosen then)."""
+    layout = engine.layout
+    steps = layout.get("steps_per_call") or "all"
+    text = (f"{layout['clients_per_call']} clients per call, vmap width {layout['vmap_width']}, "
+            f"{steps} local steps per call, unroll {layout['unroll']} ({layout['mode']}: "
+            f"{layout.get('source', 'given')}")
+    if layout.get("estimated_s_per_round"):
+        est = ", ".join(f"{k} {v:.3g} s" for k, v in layout["estimated_s_per_round"].items())
+        text += f"; probe's estimated seconds per round {est}"
+    logging.info("%s layout: %s)", name, text)
 
 
 def dp_metrics(result: fl.RoundResult, prefix: str = "dp") -> dict:
@@ -217,9 +241,13 @@ def engine_round(run, engine: fl.FederatedEngine, population, *, cohort_size: in
     """round_fn(state, r) -> (state, metrics): one engine round on cohort r (seeded)."""
     sampler = fl.CohortSampler(population.num_clients, min(cohort_size, population.num_clients))
     key = run_key(seed)
+    logged = []
 
     def round_fn(state, r):
         plan = engine.plan(population, sampler.sample(seed, r))
+        if not logged:  # the layout is fixed from the first plan() on
+            logged.append(True)
+            log_layout("engine", engine)
         try:
             state, result = engine.run_round(state, population, plan, key, seed=seed,
                                              local_store=local_store)
