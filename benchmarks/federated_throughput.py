@@ -16,12 +16,13 @@ second process on the cache the first filled, as a rerun of `fer_jax.main` finds
 seconds, peak RSS and the ratios engine / plain and engine / central. The chosen layout prints
 as KxV and sL (L local steps per call; s* = all in one call). Round 1 of engine and plain
 must agree (max |difference| reported).
---layouts adds hand-set engine layouts (KxV: K clients per call, vmap width V) to compare with
-the automatic one; --devices N makes the host N JAX devices (one per core).
+--layouts adds hand-set engine layouts (KxV: K clients per call, vmap width V, the CPU default
+unrolled steps; KxVsL: L local steps per call) to compare with the automatic one; --devices N
+makes the host N JAX devices (one per core); --out names the JSON file.
 
   python benchmarks/federated_throughput.py                    # 3 models x 10/100/1000 clients
   python benchmarks/federated_throughput.py --cohorts 10,100 --repeats 1 --layouts auto,1x1,16x16
-Writes benchmarks/results/federated_throughput_auto.json.
+Writes benchmarks/results/federated_throughput_auto.json (or --out).
 """
 
 from __future__ import annotations
@@ -199,11 +200,12 @@ def run_one(model_name, cohort, layouts, repeats, population_size, devices, cach
         packing = fl.PackingConfig(batch_size=BATCH, shuffle=False)
         if layout == "auto":
             return fl.FederatedEngine(method, packing=packing, mesh=mesh)
-        k, v = (int(x) for x in layout.split("x"))
+        shape, _, steps = layout.partition("s")
+        k, v = (int(x) for x in shape.split("x"))
         return fl.FederatedEngine(
             method, packing=fl.PackingConfig(batch_size=BATCH, shuffle=False,
                                              clients_per_call=k * devices),
-            backend=fl.RoundBackend(vmap_width=v), mesh=mesh)
+            backend=fl.RoundBackend(vmap_width=v, steps_per_call=int(steps or 0)), mesh=mesh)
 
     arms = {}
     for layout in layouts:
@@ -321,6 +323,7 @@ def main():
     ap.add_argument("--population", type=int, default=100_000)
     ap.add_argument("--devices", type=int, default=1, help="host JAX devices (one per core)")
     ap.add_argument("--note", default="", help="stored with the results (e.g. machine load)")
+    ap.add_argument("--out", default=str(RESULTS), help="the JSON file written")
     args = ap.parse_args()
     if args.one:
         print(json.dumps(run_one(*json.loads(args.one))))
@@ -334,9 +337,10 @@ def main():
             r = measure([m, c, layouts, args.repeats, args.population, args.devices])
             results.append(r)
             print("\n".join(rows(r)), flush=True)
-            RESULTS.parent.mkdir(parents=True, exist_ok=True)
-            RESULTS.write_text(json.dumps({"note": args.note, "batch": BATCH, "lr": LR,
-                                           "sizes": SIZES, "runs": results}, indent=1))
+            out = pathlib.Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"note": args.note, "batch": BATCH, "lr": LR,
+                                       "sizes": SIZES, "runs": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -11,15 +11,15 @@ CK+48, one client per subject:
 Arguments: runlocal, data=synthetic|fer2013|ferplus|ckplus48, partition=subject|iid|dirichlet,
 model=small_cnn|resnet18|..., mode=federated|centralized (centralized = the same model, data and
 augmentation trained on the pooled set with the `train` block: the federated run's twin).
-Backend knobs (WORKSPACE.md#engine-knobs): fed.clients_per_call (clients per jitted
-chunk), fed.vmap_width (clients computed together by vmap; 1 on CPU, wide on GPU/TPU),
-fed.unroll (unroll local-step scans; needed for convolutions on XLA:CPU), fed.tail_multiple (the
+Backend knobs (WORKSPACE.md#engine-knobs): fed.layout (auto, the default: the engine picks
+clients per call, vmap width, unrolling and steps per call at the first round and logs the
+choice; fixed: fed.clients_per_call, fed.vmap_width, fed.unroll as set), fed.tail_multiple (the
 last batch of an epoch as its own smaller step: less padding, a few more compiled shapes),
 fed.steps_per_call (> 0: local steps in calls of at most this many, client states carried on
-device; bounds the unrolled program for clients with many steps).
+device).
 On a CPU-only machine add `--cpu_devices=<cores>` (a flag of fer_jax.main): one JAX device per
-core on the 'clients' mesh axis, clients_per_call rounded up to the device count; 1.28-1.36x
-per 100-client small-CNN round on 2 cores (docs/performance.md#cpu-devices).
+core on the 'clients' mesh axis, clients_per_call rounded up to the device count; 1.08x per
+100-client small-CNN round on 2 cores with the automatic layout (docs/performance.md#cpu-devices).
 """
 
 import ml_collections

@@ -272,9 +272,15 @@ def test_paper_protocol_preset_and_defaults(make_config):
         assert default.fedaffect.encoder_sharing == "shared"
         assert default.fedaffect.queries_per_class == 15
         assert tuple(default.fedaffect.eval_shots) == (1, 5)
+        # The leaky hidden layer where it was measured to help (FER-2013), Sung et al.'s ReLU
+        # elsewhere.
+        assert default.model.relation_hidden_activation == (
+            "leaky_relu" if arg == "data=fer2013" else "relu")
         fedaffect.validate_config(default)
     fedaffect.validate_config(paper)
-    fedaffect.validate_config(_config(make_config, "data=fer2013,paper_protocol"))
+    paper_fer = _config(make_config, "data=fer2013,paper_protocol")
+    assert paper_fer.model.relation_hidden_activation == "relu"
+    fedaffect.validate_config(paper_fer)
 
 
 @pytest.mark.parametrize("field,value,match", [
