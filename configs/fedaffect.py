@@ -191,8 +191,9 @@ def get_config(arg=None):
         rep.batch_size, rep.local_epochs = 40, 2
         fa.queries = 16
         few.episodes_per_round = 8
-        # 30 rounds: 9 min 06 s on 2 cores, 1-shot 0.392 +- 0.010 (40 rounds: 11 min 36 s,
-        # 0.414; docs/results.md#fedaffect-defaults-synthetic).
+        # 30 rounds: 6 min 17 s on 2 cores, 1-shot 0.389 +- 0.008 (docs/results.md#engine-auto-
+        # layout-2026-12-03; 40 rounds, before the automatic layout: 11 min 36 s, 0.414;
+        # docs/results.md#fedaffect-defaults-synthetic).
         fed.rounds = 30
     if arg.data == "ckplus48":
         # CK+ subjects hold ~8 images: every image is labeled and also used unlabeled (as the
