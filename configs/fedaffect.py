@@ -214,6 +214,8 @@ def get_config(arg=None):
         # ~5,200 unlabeled images per client = 81 SimCLR steps of 64: unrolled in one program
         # they did not compile on CPU (17 GB after 11 min); with 8 steps per call round 1,
         # compilation included, took 185 s at 2.3 GB RSS (docs/results.md#fedaffect-results).
+        # Few-shot rounds: 17.5 s with 8 per call vs 22.0 s with the automatic layout's 1
+        # (docs/results.md#engine-auto-layout-2026-12-03).
         fed.steps_per_call = 8
         # With ReLU all 8 hidden units of the relation module died in one seed of six; the leaky
         # head was ahead in every seed of the random-encoder arm (1-shot +2.1, 5-shot +3.6,
