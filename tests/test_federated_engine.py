@@ -344,3 +344,22 @@ def test_auto_layout_keeps_convolutions_unvmapped_on_cpu():
     assert engine.layout["steps_per_call"] == 2
     with pytest.raises(ValueError, match="layout 'best' is not one of"):
         fl.RoundBackend(layout="best")
+
+
+def test_log_layout_logs_once_per_engine(caplog):
+    import logging
+
+    import optax
+
+    from fer_jax.train import loops
+
+    method = fl.SupervisedClient(lambda *a: None, optax.sgd(0.1))
+    engines = [fl.FederatedEngine(method, backend=fl.RoundBackend(vmap_width=1),
+                                  mesh=fl.clients_mesh(jax.devices()[:1])) for _ in range(2)]
+    with caplog.at_level(logging.INFO, logger="absl"):
+        for _ in range(3):
+            for e in engines:
+                loops.log_layout("test", e)
+    lines = [r.getMessage() for r in caplog.records if "test layout:" in r.getMessage()]
+    assert lines == ["test layout: 1 clients per call, vmap width 1, all local steps per call, "
+                     "unroll True (fixed: given)"] * 2

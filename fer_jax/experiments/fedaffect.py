@@ -580,18 +580,12 @@ def _federated_rounds(config, clients, train, rep_method, few_method, rep_vars, 
                                            max_labeled=max(summary["labeled_sizes"]),
                                            num_classes=few_method.num_classes)
     rep_key, few_key = jax.random.PRNGKey(config.seed + 1), jax.random.PRNGKey(config.seed + 2)
-    logged = set()
-
-    def log_layout(name, engine):
-        if name not in logged:  # the layout is fixed from the engine's first plan() on
-            logged.add(name)
-            loops.log_layout(f"{name} engine", engine)
 
     def simclr(state, r):
         ids = sample_cohort(clients["rep_clients"], config.repr.cohort_size, config.seed, r)
         pop = clients["rep_population"]
         plan = rep_engine.plan(pop, ids, population_size=len(clients["rep_clients"]))
-        log_layout("SimCLR", rep_engine)
+        loops.log_layout("SimCLR engine", rep_engine)
         state["rep"], res = rep_engine.run_round(state["rep"], pop, plan, rep_key,
                                                  seed=config.seed)
         return state, res.totals, {"repr/clients": res.client_updates,
@@ -617,7 +611,7 @@ def _federated_rounds(config, clients, train, rep_method, few_method, rep_vars, 
                             config.seed + 1_000_003, r)
         pop = clients["few_population"]
         plan = few_engine.plan(pop, ids, population_size=len(clients["few_clients"]))
-        log_layout("few-shot", few_engine)
+        loops.log_layout("few-shot engine", few_engine)
         state["few"], res = few_engine.run_round(state["few"], pop, plan, few_key,
                                                  seed=config.seed)
         return state, res.totals, {"fewshot/clients": res.client_updates,

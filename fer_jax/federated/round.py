@@ -758,7 +758,7 @@ class FederatedEngine:
             candidates = [(1, 1)] if has_conv else [(16, 16), (4, 1), (1, 1)]
             unroll = True if has_conv else 1
             if has_conv:
-                steps_per_call = self.spec.backend.steps_per_call or 1
+                steps_per_call = steps_per_call or 1
             source = "cost model (convolutions on CPU)" if has_conv else "probe"
         else:  # rolled step loops (one compiled step) and a probe of vmap widths
             candidates, source, unroll = [(32, 32), (8, 8), (128, 128)], "probe", 1

@@ -14,6 +14,7 @@ drop-remainder batches), and the keys are the engine's keys of client 0 in round
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 
 import jax
@@ -212,8 +213,15 @@ def layout_metrics(result: fl.RoundResult, prefix: str = "layout") -> dict:
             if result.layout and k in result.layout}
 
 
+_LAYOUT_LOGGED = weakref.WeakSet()  # engines whose layout was logged
+
+
 def log_layout(name: str, engine: fl.FederatedEngine) -> None:
-    """Logs an engine's layout (call after its first plan(): an automatic one is chosen then)."""
+    """Logs an engine's layout once per engine (call after a plan(): an automatic layout is
+    chosen at the first and fixed from then on; later calls do nothing)."""
+    if engine in _LAYOUT_LOGGED:
+        return
+    _LAYOUT_LOGGED.add(engine)
     layout = engine.layout
     steps = layout.get("steps_per_call") or "all"
     text = (f"{layout['clients_per_call']} clients per call, vmap width {layout['vmap_width']}, "
@@ -241,13 +249,10 @@ def engine_round(run, engine: fl.FederatedEngine, population, *, cohort_size: in
     """round_fn(state, r) -> (state, metrics): one engine round on cohort r (seeded)."""
     sampler = fl.CohortSampler(population.num_clients, min(cohort_size, population.num_clients))
     key = run_key(seed)
-    logged = []
 
     def round_fn(state, r):
         plan = engine.plan(population, sampler.sample(seed, r))
-        if not logged:  # the layout is fixed from the first plan() on
-            logged.append(True)
-            log_layout("engine", engine)
+        log_layout("engine", engine)
         try:
             state, result = engine.run_round(state, population, plan, key, seed=seed,
                                              local_store=local_store)
