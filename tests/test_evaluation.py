@@ -48,3 +48,29 @@ def test_confusion_png(tmp_path):
     path = plots.save_confusion_matrix(cm, ["anger", "happiness"], tmp_path / "cm.png", title="t")
     with Image.open(path) as im:
         assert im.format == "PNG" and im.size[0] > 100
+
+
+def test_subject_differences_mark_skipped_subjects_and_the_mean(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    drawn = {}
+    savefig = plt.Figure.savefig
+
+    def capture(fig, *args, **kwargs):
+        ax = fig.axes[0]
+        drawn["ticks"] = [t.get_text() for t in ax.get_xticklabels()]
+        drawn["legend"] = [t.get_text() for t in ax.get_legend().get_texts()]
+        drawn["bars"] = [round(b.get_height(), 3) for b in ax.patches]
+        drawn["title"] = ax.get_title()
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(plt.Figure, "savefig", capture)
+    title = "VFER on ckplus_videos: micro F1 after - before personalization, a long run tag"
+    path = plots.save_subject_differences(["a", "b", "c", "d"], [0.1, 0.0, -0.3, 0.0],
+                                          tmp_path / "f3.png", title=title, skipped=["d"])
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+    # Adapted subjects sorted by gain as bars, the skipped one last and not a bar.
+    assert drawn["ticks"] == ["a", "b", "c", "d"] and drawn["bars"] == [0.1, 0.0, -0.3]
+    assert sorted(drawn["legend"]) == ["mean over 3 adapted: -0.067", "skipped (not adapted)"]
+    assert drawn["title"].replace("\n", " ") == title  # wrapped, not cut

@@ -41,20 +41,41 @@ def save_confusion_matrix(cm: np.ndarray, class_names, path: str | pathlib.Path,
 
 
 def save_subject_differences(subjects, differences, path: str | pathlib.Path, *,
-                             title: str = "", ylabel: str = "micro F1 after - before"
-                             ) -> pathlib.Path:
+                             title: str = "", ylabel: str = "micro F1 after - before",
+                             skipped=()) -> pathlib.Path:
     """One bar per subject, sorted by value, green above zero and red below (the per-subject
-    micro-F1 gain plot of Salman & Busso 2022, Fig. 3)."""
+    micro-F1 gain plot of Salman & Busso 2022, Fig. 3), and the mean over adapted subjects.
+
+    skipped: subjects that were not adapted (their difference is 0 by construction); they are
+    drawn as grey 'x' marks labelled 'skipped', not as bars, and left out of the mean.
+    """
     diffs = np.asarray(differences, np.float64)
+    names = [str(x) for x in subjects]
+    skipped = {str(x) for x in skipped}
     order = np.argsort(-diffs, kind="stable")
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(diffs) + 1.5), 3.2))
-    colors = ["tab:green" if d > 0 else ("tab:red" if d < 0 else "tab:gray") for d in diffs[order]]
-    ax.bar(range(len(diffs)), diffs[order], color=colors)
+    adapted = [i for i in order if names[i] not in skipped]
+    order = adapted + [i for i in order if names[i] in skipped]  # skipped ones on the right
+    width = max(5.0, 0.35 * len(diffs) + 2.0)
+    fig, ax = plt.subplots(figsize=(width, 3.6))
+    for x, i in enumerate(order):
+        if names[i] in skipped:
+            ax.plot(x, 0.0, "x", color="0.5", ms=7, label="skipped (not adapted)"
+                    if x == len(adapted) else None)
+        else:
+            d = diffs[i]
+            ax.bar(x, d, color="tab:green" if d > 0 else ("tab:red" if d < 0 else "tab:gray"))
     ax.axhline(0.0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(diffs)), [str(subjects[i]) for i in order], rotation=90, fontsize=7)
+    if adapted:
+        mean = float(diffs[adapted].mean())
+        ax.axhline(mean, color="tab:blue", ls="--", lw=1.2,
+                   label=f"mean over {len(adapted)} adapted: {mean:+.3f}")
+    ax.set_xticks(range(len(diffs)), [names[i] for i in order], rotation=90, fontsize=7)
+    ax.set_xlim(-0.7, len(diffs) - 0.3)
     ax.set_xlabel("subject")
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, width=int(9 * width)), fontsize=9)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -539,7 +539,8 @@ def run(config, workdir: str) -> dict:
             - before_subject[s]["micro"]["f1"] for s in subj]
     plots.save_subject_differences(subj, diff, workdir / "figure3_subject_micro_f1.png",
                                    title=f"VFER on {config.data.name}: micro F1 after - before "
-                                         "personalization")
+                                         "personalization",
+                                   skipped=first["subjects_skipped_no_confident_video"])
     results = {
         "data": config.data.name, "class_names": list(names),
         "split": {s: v.tolist() for s, v in split.items()},
