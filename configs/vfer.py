@@ -13,7 +13,9 @@ is randomly initialised, since no ImageNet weights can be downloaded here). The 
 --config.init.path: another run's checkpoint (e.g. a supervised mobilenetv2, with
 --config.init.skip=head) or any converted weights (WORKSPACE.md#init).
 Outputs in the workdir: eval.json (before/after tables, per subject, central before/after each
-FedAvg round, parameter counts, bytes per client), figure3_subject_micro_f1.png, metrics.jsonl.
+FedAvg round, parameter counts, bytes per client, pseudo-label accuracy and coverage vs
+p_threshold), figure3_subject_micro_f1.png, pseudo_labels.png, learning_curve.png (IFER epochs,
+VFER epochs, rounds), metrics.jsonl.
 """
 
 import ml_collections
@@ -83,6 +85,9 @@ def get_config(arg=None):
     pers.learning_rate = 1e-3
     pers.epochs = 2
     pers.batch_size = 32
+    # FedAvg moves the central v only in a round where at least this many subjects adapted
+    # (1 = the paper: any); fewer, and each still keeps its own adapted head.
+    pers.min_subjects = 1
 
     # Head-only FedAvg of v: the engine's server and layout knobs (batch size, epochs and the
     # client's Adam are `personalize`'s). Subjects are few and v is small: a wide rolled vmap.

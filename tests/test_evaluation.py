@@ -74,3 +74,21 @@ def test_subject_differences_mark_skipped_subjects_and_the_mean(tmp_path, monkey
     assert drawn["ticks"] == ["a", "b", "c", "d"] and drawn["bars"] == [0.1, 0.0, -0.3]
     assert sorted(drawn["legend"]) == ["mean over 3 adapted: -0.067", "skipped (not adapted)"]
     assert drawn["title"].replace("\n", " ") == title  # wrapped, not cut
+
+
+def test_panels_and_threshold_curve_figures(tmp_path):
+    from fer_jax.evaluation import plots
+
+    records = [{"step": e, "ifer/train_loss": 2.0 / e, "ifer/dev_loss": 2.1 / e} for e in (1, 2)]
+    records += [{"step": 1, "central/macro_f1": 0.3, "after/macro_f1": float("nan")}]
+    path = plots.save_panels(records, [("IFER", "epoch", ["ifer/train_loss", "ifer/dev_loss"],
+                                        "loss"),
+                                       ("rounds", "round", ["central/macro_f1", "after/macro_f1"],
+                                        "F1"),
+                                       ("empty", "round", ["missing"], "x")],
+                             tmp_path / "curve.png", title="t")
+    assert path.stat().st_size > 0
+    path = plots.save_threshold_curve([0.0, 0.5, 0.9], [0.5, 0.75, None], [1.0, 0.4, 0.0],
+                                      tmp_path / "th.png", chance=1 / 6, marked=0.5,
+                                      counts=[10, 4, 0], title="pseudo labels")
+    assert path.stat().st_size > 0

@@ -136,3 +136,42 @@ def test_plateau_halves_the_scale():
     assert scales[:2] == [1.0, 1.0] and scales[-1] < 1.0
     # Only halvings: every factor is a power of 0.5.
     np.testing.assert_allclose(np.log2(scales), np.round(np.log2(scales)), atol=1e-6)
+
+
+class _LogitsHead:
+    """A 'g' whose logits are its input features (hashable: a static jit argument)."""
+
+    def apply(self, variables, x, train=False):
+        del variables, train
+        return x
+
+
+def test_pseudo_label_curve_matches_reference(make_config):
+    from fer_jax.experiments import vfer
+
+    rng = np.random.default_rng(3)
+    k, t = 4, 3
+    feats = rng.normal(scale=2.0, size=(11, t, k)).astype(np.float32)
+    fmask = np.ones((11, t), bool)
+    fmask[2, 0] = fmask[7, :2] = False
+    labels = rng.integers(0, k, 11)
+    groups = [np.arange(0, 6), np.arange(6, 11)]
+    config = make_config("vfer", None, **{"personalize.max_per_class": 1,
+                                          "personalize.threshold": 0.45})
+    curve = vfer.pseudo_label_curve(config, _LogitsHead(), {}, feats, fmask, groups, labels)
+    assert [c["threshold"] for c in curve] == sorted({*vfer.CURVE_THRESHOLDS, 0.45})
+    p = _softmax(feats.astype(np.float64))
+    probs = np.stack([p[i][fmask[i]].mean(0) for i in range(11)])
+    for c in curve:
+        sel = np.concatenate([_select_ref(probs[g], np.ones(len(g), bool), 1, c["threshold"])[1]
+                              for g in groups])
+        assert c["videos_selected"] == sel.sum() and c["videos"] == 11
+        assert c["coverage"] == pytest.approx(sel.sum() / 11)
+        assert c["subjects_with_a_video"] == sum(sel[g].any() for g in groups)
+        if sel.any():
+            assert c["accuracy"] == pytest.approx((probs.argmax(1)[sel] == labels[sel]).mean())
+        else:
+            assert c["accuracy"] is None
+    # top-1 per class per subject: at threshold 0, one video per predicted class per subject.
+    zero = curve[0]
+    assert zero["videos_selected"] == sum(len(np.unique(probs[g].argmax(1))) for g in groups)

@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -76,6 +77,76 @@ def save_subject_differences(subjects, differences, path: str | pathlib.Path, *,
     ax.set_title(textwrap.fill(title, width=int(9 * width)), fontsize=9)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def save_panels(records, panels, path: str | pathlib.Path, *, title: str = "") -> pathlib.Path:
+    """One subplot per stage of a run whose stages share metrics.jsonl's 'step' (e.g. VFER:
+    IFER epochs, VFER epochs, then FedAvg rounds, each logged from step 1).
+
+    panels: [(panel title, x label, [keys], y label)]; a key missing from the records is left
+    out, a panel with no points says so. Non-finite values are skipped.
+    """
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (name, xlabel, keys, ylabel) in zip(axes[0], panels, strict=True):
+        drawn = 0
+        for key in keys:
+            points = sorted((r["step"], float(r[key])) for r in records
+                            if isinstance(r.get(key), int | float) and np.isfinite(r[key]))
+            if points:
+                x, y = zip(*points, strict=True)
+                ax.plot(x, y, marker="o" if len(x) < 30 else None, markersize=3, label=key)
+                drawn += 1
+        if not drawn:
+            ax.text(0.5, 0.5, "nothing logged", ha="center", va="center",
+                    transform=ax.transAxes, color="gray")
+        else:
+            ax.legend(fontsize=7)
+        ax.set_title(textwrap.fill(name, width=46), fontsize=9)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def save_threshold_curve(thresholds, accuracy, coverage, path: str | pathlib.Path, *,
+                         chance: float | None = None, marked: float | None = None,
+                         title: str = "", counts=None) -> pathlib.Path:
+    """Pseudo-label accuracy of the selected videos and the fraction selected vs the confidence
+    threshold (accuracy is None where nothing is selected); `marked`: the configured threshold,
+    `counts`: videos selected at each threshold, written beside the accuracy points."""
+    t = np.asarray(thresholds, np.float64)
+    acc = np.array([np.nan if a is None else a for a in accuracy], np.float64)
+    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    ax.plot(t, acc, "o-", color="tab:blue", label="accuracy of selected pseudo labels")
+    ax.plot(t, coverage, "s--", color="tab:orange", label="fraction of videos selected")
+    if counts is not None:
+        for x, y, n in zip(t, acc, counts, strict=True):
+            if np.isfinite(y):
+                ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(0, 5),
+                            ha="center", fontsize=7, color="tab:blue")
+    if chance is not None:
+        ax.axhline(chance, color="black", ls=":", lw=1, label=f"chance ({chance:.3f})")
+    if marked is not None:
+        ax.axvline(marked, color="0.5", ls="--", lw=1, label=f"configured threshold {marked:g}")
+    ax.set_xlabel("confidence threshold (video probability must exceed it)")
+    ax.set_ylabel("fraction")
+    ax.set_ylim(-0.02, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title(textwrap.fill(title, width=60), fontsize=9)
     fig.tight_layout()
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

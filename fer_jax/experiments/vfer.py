@@ -73,6 +73,7 @@ def validate_config(config) -> None:
     check(p.max_per_class >= 1, "personalize.max_per_class", ">= 1")
     check(0 <= p.threshold < 1, "personalize.threshold", "in [0, 1)")
     check(p.epochs >= 1 and p.batch_size >= 1, "personalize.epochs", ">= 1 (and batch_size)")
+    check(p.get("min_subjects", 1) >= 1, "personalize.min_subjects", ">= 1")
     fed_config.validate(config, check, partitions=False)
     checks.init_block(config, check)
     check(not (config.model.weights and config.get("init") is not None and config.init.path),
@@ -322,6 +323,41 @@ def personalization_population(config, g_head, g_vars, feats, fmask, groups):
     return clients, {"pseudo_labels": labels, "selected": selected, "confidence": conf}
 
 
+# Confidence thresholds of the pseudo-label curve (the configured one is added).
+CURVE_THRESHOLDS = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def pseudo_label_curve(config, g_head, g_vars, feats, fmask, groups, labels) -> list[dict]:
+    """Pseudo-label accuracy and coverage vs p_threshold over the videos of `groups` (one index
+    array per subject): the same selection as a round (top-P per class, confidence above the
+    threshold) at every threshold of CURVE_THRESHOLDS and the configured one."""
+    if not groups:
+        return []
+    vmax = max(len(g) for g in groups)
+    s, (_, t, d) = len(groups), feats.shape
+    sf = np.zeros((s, vmax, t, d), np.float32)
+    sm = np.zeros((s, vmax, t), bool)
+    valid = np.zeros((s, vmax), bool)
+    for i, g in enumerate(groups):
+        sf[i, : len(g)], sm[i, : len(g)], valid[i, : len(g)] = feats[g], fmask[g], True
+    # Threshold -1 keeps the top-P per class; a threshold then only removes videos.
+    pred, top, conf = jax.device_get(pseudo_label_subjects(
+        g_vars, sf, sm, valid, head=g_head, max_per_class=config.personalize.max_per_class,
+        threshold=-1.0))
+    truth = np.zeros((s, vmax), np.int64)
+    for i, g in enumerate(groups):
+        truth[i, : len(g)] = labels[g]
+    out = []
+    for th in sorted({*CURVE_THRESHOLDS, float(config.personalize.threshold)}):
+        sel = top & (conf > th)
+        n = int(sel.sum())
+        out.append({"threshold": th, "videos_selected": n, "videos": int(valid.sum()),
+                    "coverage": n / max(int(valid.sum()), 1),
+                    "subjects_with_a_video": int(sel.any(1).sum()),
+                    "accuracy": float((pred[sel] == truth[sel]).mean()) if n else None})
+    return out
+
+
 def build_engine(config, v_head, max_selected: int):
     """Head-only FedAvg of v (PARAM_RULES): `personalize`'s batch, epochs and Adam."""
     p = config.personalize
@@ -429,6 +465,26 @@ def run(config, workdir: str) -> dict:
         run.save(1, {**state_like, "g": g_vars, "v": v_vars, "server": {}})
     ifer_dev = json.loads((workdir / "ifer_dev.json").read_text())["report"]
     t_train = time.perf_counter() - t0
+    # g never sees a video: its pseudo labels can be scored on every subject's videos, and on
+    # the test subjects' (the ones personalization uses).
+    all_groups = _by_subject(corpus.subjects, np.unique(corpus.subjects))
+    curves = {"test_subjects": pseudo_label_curve(config, g_head, g_vars, feats, fmask, groups,
+                                                  corpus.labels),
+              "all_subjects": pseudo_label_curve(config, g_head, g_vars, feats, fmask,
+                                                 all_groups, corpus.labels)}
+    at = {c["threshold"]: c for c in curves["all_subjects"]}[float(config.personalize.threshold)]
+    logging.info("IFER pseudo labels on all %d videos at p_threshold %g: %d selected, "
+                 "accuracy %s", at["videos"], config.personalize.threshold,
+                 at["videos_selected"], at["accuracy"])
+    plots.save_threshold_curve(
+        [c["threshold"] for c in curves["all_subjects"]],
+        [c["accuracy"] for c in curves["all_subjects"]],
+        [c["coverage"] for c in curves["all_subjects"]], workdir / "pseudo_labels.png",
+        chance=1.0 / k, marked=float(config.personalize.threshold),
+        counts=[c["videos_selected"] for c in curves["all_subjects"]],
+        title=f"IFER pseudo labels on {config.data.name}: all {at['videos']} videos of "
+              f"{len(all_groups)} subjects (top {config.personalize.max_per_class} per class "
+              "per subject)")
 
     # ---- 2. personalization + head-only FedAvg rounds (checkpoint step 1 + r)
     start = checkpointer.latest_step()
@@ -480,12 +536,21 @@ def run(config, workdir: str) -> dict:
         skipped = [str(test_subjects[i]) for i in np.nonzero(sizes == 0)[0]]
         pseudo_acc = [float(np.mean(c["label"] == corpus.labels[c["video_index"]]))
                       for c in clients if len(c["label"])]
+        # The central v changes only in a round where enough subjects adapted (the paper: any
+        # one); below that, subjects still adapt their own heads.
+        update = len(adapted) >= config.personalize.get("min_subjects", 1)
         if len(active):
             population = fl.ArrayPopulation.from_clients(
                 [{k_: v for k_, v in c.items() if k_ != "video_index"} for c in clients])
             plan = engine.plan(population, active)
+            kept = None if update else fl.mesh.to_host(server)  # rounds donate the state
             server, result = engine.run_round(server, population, plan, run_key,
                                               seed=config.seed, local_store=store)
+            if not update:
+                logging.warning("round %d: %d subject(s) adapted, fewer than "
+                                "personalize.min_subjects=%d: the central v is kept", r + 1,
+                                len(adapted), config.personalize.get("min_subjects", 1))
+                server = engine.place(kept).replace(round=server.round)
             tune_loss = result.totals["loss_sum"] / max(result.totals["count"], 1)
             # The layout the round ran and, with client-level DP (fed.dp), epsilon so far.
             dp_logged = {**loops.layout_metrics(result), **loops.dp_metrics(result)}
@@ -512,12 +577,13 @@ def run(config, workdir: str) -> dict:
             pv = _v_vars(params, central0["batch_stats"])
             after_preds[g] = np.asarray(predict(pv, feats[g], fmask[g]))
             after_subject[str(s)] = report_of(corpus.labels[g], after_preds[g], names)
+        pseudo_acc_mean = float(np.mean(pseudo_acc)) if pseudo_acc else None
         rounds.append({
             "round": r + 1, "seconds": seconds, "subjects_adapted": len(adapted),
             "subjects_skipped_no_confident_video": skipped,
             "selected_videos": sizes.tolist(),
-            "pseudo_label_accuracy_of_selected": float(np.mean(pseudo_acc)) if pseudo_acc
-            else None,
+            "central_updated": bool(update and len(active)),
+            "pseudo_label_accuracy_of_selected": pseudo_acc_mean,
             "max_ifer_confidence": float(np.max(pseudo["confidence"])),
             "fine_tune_loss": tune_loss,
             "after_personalization": report_of(labels_te, after_preds[te], names),
@@ -525,6 +591,11 @@ def run(config, workdir: str) -> dict:
             "central_after_fedavg": central_report,
             "bytes_sent_per_client": {"v_only": v_bytes, "whole_model": whole_bytes}})
         writer.write(r + 1, {"round/seconds": seconds, "round/subjects": len(adapted),
+                             "round/fine_tune_loss": tune_loss,
+                             "round/pseudo_label_accuracy": float("nan") if pseudo_acc_mean
+                             is None else pseudo_acc_mean,
+                             "before/macro_f1": before["macro"]["f1"],
+                             "after/macro_f1": rounds[-1]["after_personalization"]["macro"]["f1"],
                              "after/micro_f1": rounds[-1]["after_personalization"]["micro"]["f1"],
                              "central/macro_f1": central_report["macro"]["f1"], **dp_logged})
         logging.info("round %d: %d subjects adapted (%d skipped), selected %s, %.2fs", r + 1,
@@ -545,7 +616,7 @@ def run(config, workdir: str) -> dict:
         "data": config.data.name, "class_names": list(names),
         "split": {s: v.tolist() for s, v in split.items()},
         "corpus_report": corpus.report, "videos": len(corpus), "frames": frames_total,
-        "parameters": counts, "ifer_dev": ifer_dev,
+        "parameters": counts, "ifer_dev": ifer_dev, "pseudo_label_curve": curves,
         "before_personalization": before, "before_per_subject": before_subject,
         "after_personalization": first["after_personalization"],
         "after_per_subject": first["after_personalization_per_subject"],
@@ -564,4 +635,12 @@ def run(config, workdir: str) -> dict:
                       detail=f" vs {before['macro']['f1']:.4f} before (micro "
                              f"{after['micro']['f1']:.4f} vs {before['micro']['f1']:.4f}) on "
                              f"{len(test_subjects)} test subjects, "
-                             f"{first['subjects_adapted']} adapted")
+                             f"{first['subjects_adapted']} adapted",
+                      panels=[("IFER g on still images", "epoch",
+                               ["ifer/train_loss", "ifer/dev_loss"], "loss"),
+                              ("VFER v on the training subjects' videos", "epoch",
+                               ["vfer/train_loss", "vfer/dev_loss"], "loss"),
+                              ("personalization + head-only FedAvg", "round",
+                               ["round/fine_tune_loss", "round/pseudo_label_accuracy",
+                                "before/macro_f1", "after/macro_f1", "central/macro_f1"],
+                               "loss / accuracy / F1")])

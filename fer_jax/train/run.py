@@ -93,15 +93,25 @@ class Run:
                                   f"data. {self.checkpointer.describe_last_good()}")
 
     def finish(self, results: dict, *, metric: str, value: float, chance: float | None = None,
-               detail: str = "") -> dict:
-        """Writes eval.json and learning_curve.png, prints the summary line, closes the run."""
+               detail: str = "", panels=None) -> dict:
+        """Writes eval.json and learning_curve.png, prints the summary line, closes the run.
+
+        panels: for a run whose stages share the step axis, the learning curve's subplots
+        (`plots.save_panels`); default: training loss and evaluations over steps or rounds.
+        """
         self.writer.write_json("eval.json", results)
         files = ["eval.json", "metrics.jsonl"]
         metrics_path = self.workdir / "metrics.jsonl"
         if self.writer.active and metrics_path.exists():
             name = f"{self.config.get('experiment', '')} ({self.config.get('mode', '')})"
-            plots.save_learning_curve(read_jsonl(metrics_path), self.workdir / "learning_curve.png",
-                                      title=f"{name} on {self.config.data.name}", chance=chance)
+            title = f"{name} on {self.config.data.name}"
+            if panels:
+                plots.save_panels(read_jsonl(metrics_path), panels,
+                                  self.workdir / "learning_curve.png", title=title)
+            else:
+                plots.save_learning_curve(read_jsonl(metrics_path),
+                                          self.workdir / "learning_curve.png", title=title,
+                                          chance=chance)
             files.append("learning_curve.png")
         files += sorted(p.name for p in self.workdir.glob("*.png") if p.name not in files)
         vs = f" (chance {chance:.3f})" if chance is not None else ""
