@@ -301,8 +301,9 @@ def _by_subject(subjects, order):
     return [np.nonzero(subjects == s)[0] for s in order]
 
 
-def personalization_population(config, g_head, g_vars, feats, fmask, groups):
-    """Pseudo-label every test subject; returns (population clients, per-subject report)."""
+def _stack_subjects(feats, fmask, groups):
+    """[S, V, T, D] features, [S, V, T] frame masks and [S, V] validity of S subjects' videos
+    (`groups`: one index array per subject; zero-padded to the largest)."""
     vmax = max(len(g) for g in groups)
     s, (_, t, d) = len(groups), feats.shape
     sf = np.zeros((s, vmax, t, d), np.float32)
@@ -310,6 +311,12 @@ def personalization_population(config, g_head, g_vars, feats, fmask, groups):
     valid = np.zeros((s, vmax), bool)
     for i, g in enumerate(groups):
         sf[i, : len(g)], sm[i, : len(g)], valid[i, : len(g)] = feats[g], fmask[g], True
+    return sf, sm, valid
+
+
+def personalization_population(config, g_head, g_vars, feats, fmask, groups):
+    """Pseudo-label every test subject; returns (population clients, per-subject report)."""
+    sf, sm, valid = _stack_subjects(feats, fmask, groups)
     p = config.personalize
     labels, selected, conf = jax.device_get(pseudo_label_subjects(
         g_vars, sf, sm, valid, head=g_head, max_per_class=p.max_per_class,
@@ -333,13 +340,8 @@ def pseudo_label_curve(config, g_head, g_vars, feats, fmask, groups, labels) -> 
     threshold) at every threshold of CURVE_THRESHOLDS and the configured one."""
     if not groups:
         return []
-    vmax = max(len(g) for g in groups)
-    s, (_, t, d) = len(groups), feats.shape
-    sf = np.zeros((s, vmax, t, d), np.float32)
-    sm = np.zeros((s, vmax, t), bool)
-    valid = np.zeros((s, vmax), bool)
-    for i, g in enumerate(groups):
-        sf[i, : len(g)], sm[i, : len(g)], valid[i, : len(g)] = feats[g], fmask[g], True
+    sf, sm, valid = _stack_subjects(feats, fmask, groups)
+    s, vmax = valid.shape
     # Threshold -1 keeps the top-P per class; a threshold then only removes videos.
     pred, top, conf = jax.device_get(pseudo_label_subjects(
         g_vars, sf, sm, valid, head=g_head, max_per_class=config.personalize.max_per_class,
