@@ -159,13 +159,14 @@ def utility(args) -> dict:
 
 
 def _curve(workdir: str) -> tuple[list[int], list[float]]:
-    """(round, PrivateTest accuracy) of one arm's periodic evaluations (metrics.jsonl)."""
+    """(round, accuracy) of one arm's periodic evaluations (metrics.jsonl): on the validation
+    split (`val/accuracy`, FER-2013's PublicTest) when the data has one, else the test split."""
     from fer_jax.evaluation import plots
     from fer_jax.io.metrics import read_jsonl
 
     path = pathlib.Path(workdir) / "metrics.jsonl"
     series = plots.learning_curve_series(read_jsonl(path) if path.exists() else [])
-    return series["eval"].get("eval/accuracy", ([], []))
+    return series["eval"].get("val/accuracy") or series["eval"].get("eval/accuracy", ([], []))
 
 
 def _majority(workdir: str) -> float:
@@ -198,7 +199,8 @@ def plot(table: dict, path: pathlib.Path) -> None:
     for a in (ax, curves):
         a.axhline(majority, color="tab:red", ls=":", lw=1, label="majority class")
         a.axhline(1 / 7, color="lightgray", ls=":", label="chance (1/7)")
-        a.set_ylabel("PrivateTest accuracy")
+    ax.set_ylabel("PrivateTest accuracy")
+    curves.set_ylabel("PublicTest accuracy (periodic evaluations)")
     ax.set_xlabel(f"client-level epsilon (delta = {rows[0]['delta']:.1e})" if rows
                   else "client-level epsilon")
     ax.set_title("final accuracy vs epsilon")

@@ -26,6 +26,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from fer_jax.evaluation import plots  # noqa: E402
 from launch import sweep  # noqa: E402  (Student-t summaries)
 
 RESULTS = REPO / "benchmarks" / "results" / "vfer_personalization.json"
@@ -139,10 +140,15 @@ def figure(runs: list[dict], summary: dict, path: pathlib.Path, title: str) -> N
 
     rows = [(f"s{r['seed']}:{s['subject']}", s) for r in runs for s in r["subjects"]]
     rows.sort(key=lambda x: (not x[1]["adapted"], -(x[1]["micro_f1"][1] - x[1]["micro_f1"][0])))
+    zero_labelled = False
     for i, (_, s) in enumerate(rows):
         d = s["micro_f1"][1] - s["micro_f1"][0]
-        if s["adapted"]:
-            bx.bar(i, d, color="tab:green" if d > 0 else ("tab:red" if d < 0 else "tab:gray"))
+        if s["adapted"] and d == 0:  # a zero-height bar would be invisible
+            bx.plot(i, 0, "o", color="tab:gray", ms=5,
+                    label=None if zero_labelled else "adapted, no change")
+            zero_labelled = True
+        elif s["adapted"]:
+            bx.bar(i, d, color="tab:green" if d > 0 else "tab:red")
         else:
             bx.plot(i, 0, "x", color="0.5", ms=7,
                     label="skipped (no video above p_threshold)"
@@ -154,6 +160,8 @@ def figure(runs: list[dict], summary: dict, path: pathlib.Path, title: str) -> N
                    label=f"mean over {ch['n']} adapted {ch['mean']:+.3f}"
                    + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""))
     bx.axhline(0, color="black", lw=0.8)
+    bx.set_ylim(*plots.zero_centred_limits(
+        [s["micro_f1"][1] - s["micro_f1"][0] for _, s in rows]))
     bx.set_xticks(range(len(rows)), [n for n, _ in rows], rotation=90, fontsize=7)
     bx.set_ylabel("micro F1 after - before")
     bx.set_title("per test subject (seed:subject)", fontsize=9)

@@ -62,6 +62,7 @@ def test_subject_differences_mark_skipped_subjects_and_the_mean(tmp_path, monkey
         drawn["legend"] = [t.get_text() for t in ax.get_legend().get_texts()]
         drawn["bars"] = [round(b.get_height(), 3) for b in ax.patches]
         drawn["title"] = ax.get_title()
+        drawn["ylim"] = ax.get_ylim()
         return savefig(fig, *args, **kwargs)
 
     monkeypatch.setattr(plt.Figure, "savefig", capture)
@@ -70,9 +71,12 @@ def test_subject_differences_mark_skipped_subjects_and_the_mean(tmp_path, monkey
                                           tmp_path / "f3.png", title=title, skipped=["d"])
     with Image.open(path) as im:
         assert im.format == "PNG"
-    # Adapted subjects sorted by gain as bars, the skipped one last and not a bar.
-    assert drawn["ticks"] == ["a", "b", "c", "d"] and drawn["bars"] == [0.1, 0.0, -0.3]
-    assert sorted(drawn["legend"]) == ["mean over 3 adapted: -0.067", "skipped (not adapted)"]
+    # Adapted subjects sorted by gain as bars (a zero change as a dot: a zero-height bar is
+    # invisible), the skipped one last and not a bar; zero and every value inside the y-range.
+    assert drawn["ticks"] == ["a", "b", "c", "d"] and drawn["bars"] == [0.1, -0.3]
+    assert sorted(drawn["legend"]) == ["adapted, no change", "mean over 3 adapted: -0.067",
+                                       "skipped (not adapted)"]
+    assert drawn["ylim"][0] < -0.3 and drawn["ylim"][1] > 0.1
     assert drawn["title"].replace("\n", " ") == title  # wrapped, not cut
 
 

@@ -41,6 +41,15 @@ def save_confusion_matrix(cm: np.ndarray, class_names, path: str | pathlib.Path,
     return path
 
 
+def zero_centred_limits(values) -> tuple[float, float]:
+    """y-limits that hold every value and zero with a margin (markers at 0 are not clipped)."""
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v)]
+    lo, hi = min(float(v.min(initial=0.0)), 0.0), max(float(v.max(initial=0.0)), 0.0)
+    pad = 0.08 * (hi - lo) or 0.05
+    return lo - pad, hi + pad
+
+
 def save_subject_differences(subjects, differences, path: str | pathlib.Path, *,
                              title: str = "", ylabel: str = "micro F1 after - before",
                              skipped=()) -> pathlib.Path:
@@ -62,10 +71,15 @@ def save_subject_differences(subjects, differences, path: str | pathlib.Path, *,
         if names[i] in skipped:
             ax.plot(x, 0.0, "x", color="0.5", ms=7, label="skipped (not adapted)"
                     if x == len(adapted) else None)
+        elif diffs[i] == 0:  # a zero-height bar would be invisible
+            ax.plot(x, 0.0, "o", color="tab:gray", ms=5, label="adapted, no change"
+                    if x == next(j for j, k in enumerate(order) if diffs[k] == 0
+                                 and names[k] not in skipped) else None)
         else:
             d = diffs[i]
-            ax.bar(x, d, color="tab:green" if d > 0 else ("tab:red" if d < 0 else "tab:gray"))
+            ax.bar(x, d, color="tab:green" if d > 0 else "tab:red")
     ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_ylim(*zero_centred_limits(diffs))
     if adapted:
         mean = float(diffs[adapted].mean())
         ax.axhline(mean, color="tab:blue", ls="--", lw=1.2,

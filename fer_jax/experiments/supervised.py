@@ -67,7 +67,7 @@ def train_centralized(config, run, model, train, num_classes, variables, evaluat
         batch_size=config.train.batch_size, total_steps=total, seed=config.seed,
         log_every=config.log_every_steps,
         eval_every=config.eval_every_steps or order.steps_per_epoch,
-        evaluate=lambda v, step: evaluate(v, step, "eval"))
+        evaluate=lambda v, step: evaluate(v, step))
     return variables, {"steps": total}
 
 
@@ -82,7 +82,7 @@ def train_federated(config, run, model, train, num_classes, variables, evaluate)
     state = loops.federated(
         run, engine, population, variables, num_rounds=fed.rounds,
         cohort_size=fed.cohort_size, seed=config.seed, eval_every=config.eval_every_rounds,
-        evaluate=lambda s, r: evaluate(loops.server_variables(s), r, "eval"))
+        evaluate=lambda s, r: evaluate(loops.server_variables(s), r))
     return loops.server_variables(state), {"rounds": fed.rounds, "partition": summary,
                                            "privacy": engine.privacy_report(fed.rounds)}
 
@@ -97,9 +97,11 @@ def run(config, workdir: str) -> dict:
         steps.predict, model=model, image_size=config.data.image_size,
         channels=config.data.channels, flip_tta=config.get("eval_flip_tta", False)))
 
-    def evaluate(variables, step, tag, split=None):
+    def evaluate(variables, step, split=None):
+        """Periodic evaluation uses the validation split when there is one; `val/*` metrics
+        are the validation split's, `eval/*` the test split's (never mixed in one series)."""
         split = split if split is not None else (val if val is not None else test)
-        tag = tag if split is not test else "eval"
+        tag = "eval" if split is test else "val"
         logits = loops.predict_batches(
             lambda x: predict(variables["params"], variables.get("batch_stats", {}), x),
             split.images, config.eval_batch_size)
@@ -119,8 +121,8 @@ def run(config, workdir: str) -> dict:
                                              variables, evaluate)
     last = results.get("steps", results.get("rounds"))
     if val is not None:
-        results["validation"] = evaluate(variables, last, "val", val)[1]
-    cm, results["test"] = evaluate(variables, last, "eval", test)
+        results["validation"] = evaluate(variables, last, val)[1]
+    cm, results["test"] = evaluate(variables, last, test)
     name = f"{'FedAvg ' if not centralized else ''}{config.model.name}"
     plots.save_confusion_matrix(cm, dataset.class_names, run.workdir / "confusion_matrix.png",
                                 title=f"{name} on {dataset.name} ({config.data.eval_split}): "
