@@ -2,6 +2,7 @@
 resume, sampling and lazy populations (issue 4, items 2-7)."""
 
 import dataclasses
+import json
 
 import jax
 import numpy as np
@@ -299,6 +300,61 @@ def test_auto_layout_probes_records_and_matches_numpy():
     mean_delta = np_round(ref, clients, cohort, weighting="num_examples")
     for k, v in to_np(state.variables).items():
         np.testing.assert_allclose(v, ref[k] + mean_delta[k], atol=1e-5, rtol=1e-5, err_msg=k)
+
+
+def test_auto_layout_probe_is_cached_beside_the_compilation_cache(tmp_path, monkeypatch):
+    """With a compilation cache directory, a second engine for the same client program, data
+    and cohort reuses the first one's probe (no timing); another model probes again; a corrupt
+    cache file is ignored and rewritten; probe_cache=False always probes."""
+    import flax.linen as nn
+    import optax
+    from test_federated_round import BATCH, MODEL
+
+    class Wider(nn.Module):
+        @nn.compact
+        def __call__(self, x, *, train):
+            del train
+            return {"logits": nn.Dense(3)(nn.tanh(nn.Dense(9)(x)))}
+
+    from fer_jax.federated import round as round_lib
+
+    # No compilation cache directory in this process: no cache file; then one in tmp_path.
+    assert jax.config.jax_compilation_cache_dir is None and round_lib._layout_cache_path() is None
+    monkeypatch.setattr(round_lib, "_layout_cache_path", lambda: tmp_path / "layouts.json")
+    clients, population = make_population()
+    cohort = [0, 1, 2, 3, 4, 5, 6]
+    timed = []
+    original = fl.FederatedEngine._time_chunk
+    monkeypatch.setattr(fl.FederatedEngine, "_time_chunk",
+                        lambda self, *a: timed.append(1) or original(self, *a))
+
+    def layout(*, lr=0.3, model=MODEL, backend=None):
+        method = fl.SupervisedClient(fl.classifier_loss(model.apply), optax.sgd(lr))
+        engine = fl.FederatedEngine(
+            method, packing=fl.PackingConfig(batch_size=BATCH, step_buckets=(3, 9),
+                                             shuffle=False),
+            backend=backend, mesh=fl.clients_mesh(jax.devices()[:1]))
+        x = np.zeros((1, *clients[0]["image"].shape[1:]), np.float32)
+        engine.init(model.init(jax.random.PRNGKey(0), x, train=False))
+        engine.plan(population, cohort)
+        return dict(engine.layout)
+
+    first = layout()
+    assert first["source"] == "probe" and timed and (tmp_path / "layouts.json").exists()
+    timed.clear()
+    again = layout()  # a new engine, the same program and data
+    assert timed == [] and again["source"] == "probe (cached)"
+    assert again["estimated_s_per_round"] == first["estimated_s_per_round"]
+    assert again["clients_per_call"] == first["clients_per_call"]
+    assert layout(model=Wider())["source"] == "probe" and timed  # another model: probed
+    timed.clear()
+    assert layout(lr=0.1)["source"] == "probe" and timed  # a constant of the program changed
+    timed.clear()
+    (tmp_path / "layouts.json").write_text("{not json")
+    assert layout()["source"] == "probe" and timed
+    assert json.loads((tmp_path / "layouts.json").read_text())  # rewritten, readable
+    timed.clear()
+    assert layout(backend=fl.RoundBackend.auto(probe_cache=False))["source"] == "probe" and timed
 
 
 def test_auto_layout_keeps_convolutions_unvmapped_on_cpu():

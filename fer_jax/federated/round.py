@@ -26,6 +26,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
+import logging
+import os
+import pathlib
 import time
 from typing import Any
 
@@ -88,6 +93,56 @@ def _on_cpu() -> bool:
     return jax.default_backend() == "cpu"
 
 
+LAYOUT_CACHE_FILE = "layouts.json"
+
+
+def _layout_cache_path() -> pathlib.Path | None:
+    """`layouts.json` in JAX's persistent compilation cache directory (None when unset)."""
+    directory = jax.config.jax_compilation_cache_dir
+    return pathlib.Path(directory) / LAYOUT_CACHE_FILE if directory else None
+
+
+def _layout_cache_key(*, jaxpr, population, probe_ids, shapes, cohort, packing, candidates,
+                      unroll, steps_per_call, devices) -> str:
+    """What a probe's timings depend on: the client program, the data's shapes, the cohort's
+    chunk shapes, the candidates and the hardware (a hash; the entry also keeps a summary)."""
+    row = population.gather(probe_ids[probe_ids >= 0][:1], np.zeros((1, 1), np.int64))
+    parts = {
+        "jax": jax.__version__, "platform": jax.default_backend(),
+        "device_kind": devices.flat[0].device_kind, "devices": int(devices.size),
+        "jaxpr": hashlib.sha256(jaxpr.encode()).hexdigest(),
+        "data": {k: [list(np.shape(v)[2:]), str(np.asarray(v).dtype)] for k, v in
+                 sorted(row.items())},
+        "chunk_shapes": sorted(map(list, {*shapes})), "chunks": len(shapes), "cohort": cohort,
+        "batch_size": packing.batch_size, "candidates": [list(c) for c in candidates],
+        "unroll": unroll, "steps_per_call": steps_per_call,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _read_layout_cache(path: pathlib.Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:  # unreadable or corrupt: probe again, rewrite it
+        logging.warning("layout probe cache %s unreadable (%s); probing again", path, e)
+        return {}
+
+
+def _write_layout_cache(path: pathlib.Path, key: str, estimates: dict) -> None:
+    """Adds one entry (written to a temporary file, then renamed: never a half-written file)."""
+    try:
+        entries = _read_layout_cache(path)
+        entries[key] = {"estimated_s_per_round": estimates, "written": time.time()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(entries, indent=1))
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only cache directory only costs the next run a probe
+        logging.warning("layout probe cache %s not written (%s)", path, e)
+
+
 @dataclasses.dataclass(frozen=True)
 class RoundBackend:
     """How clients are laid onto the hardware (results agree to float tolerance across choices).
@@ -109,6 +164,12 @@ class RoundBackend:
       carried between calls on device. Same result (to float tolerance). For clients with many
       local steps on CPU, where the unrolled one-call program is too large to compile (FedAffect
       on FER-2013: 81 SimCLR steps); compiled shapes then no longer grow with client size.
+    probe_cache: with layout='auto', keep each timed probe's choice in `layouts.json` beside
+      JAX's persistent compilation cache (when one is set, single-process runs only) and reuse
+      it when the same client program (its jaxpr, constants such as the learning rate
+      included), data shapes, cohort chunk shapes, candidates and devices come back: a second
+      run of a config skips the probe's timing. A stale entry can only cost speed, never change
+      a result; False (or no cache directory) always probes.
     """
 
     vmap_width: int = 1
@@ -116,6 +177,7 @@ class RoundBackend:
     group_unroll: int | bool = dataclasses.field(default_factory=lambda: True if _on_cpu() else 1)
     steps_per_call: int = 0
     layout: str = "fixed"
+    probe_cache: bool = True
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
@@ -745,9 +807,9 @@ class FederatedEngine:
         platform = jax.default_backend()
         unroll = self.spec.backend.step_unroll
         steps_per_call = self.spec.backend.steps_per_call
+        jaxpr = self._client_jaxpr(population, state, one.chunks[shapes.index(probe_shape)])
         if platform == "cpu":
-            has_conv = self._has_convolution(population, state, one.chunks[shapes.index(
-                probe_shape)])
+            has_conv = "conv_general_dilated" in jaxpr
             # Convolutions: unrolled, one client per call. Other models: rolled step loops,
             # which compile 3-4x faster than unrolled ones (tiny MLP, 10 steps: 25 vs 103 s on
             # the loaded 2-core machine) at the same speed for 1 client per call.
@@ -771,7 +833,17 @@ class FederatedEngine:
         def cost(c):  # example slots a chunk computes per client and epoch
             return c.steps * bsz + c.tail
 
-        for i, (k, v) in enumerate(candidates if len(candidates) > 1 else []):
+        cache = (_layout_cache_path() if self.spec.backend.probe_cache and len(candidates) > 1
+                 and jax.process_count() == 1 else None)
+        cache_key = cache and _layout_cache_key(
+            jaxpr=jaxpr, population=population, probe_ids=probe_ids, shapes=shapes,
+            cohort=len(ids), packing=self.packing, candidates=candidates, unroll=unroll,
+            steps_per_call=steps_per_call, devices=self.mesh.devices)
+        cached = _read_layout_cache(cache).get(cache_key) if cache else None
+        if cached:
+            estimates = dict(cached["estimated_s_per_round"])
+            source += " (cached)"
+        for i, (k, v) in enumerate(candidates if len(candidates) > 1 and not cached else []):
             if i >= 2 and time.perf_counter() - t0 > budget:
                 break
             self._set_layout(k * devices, v, unroll, steps_per_call)
@@ -786,6 +858,8 @@ class FederatedEngine:
             plan = plan_cohort(ids, population.sizes(ids), self.packing)
             estimates[f"{k * devices}x{v}"] = per_chunk * sum(
                 cost(c) for c in plan.chunks) / cost(chunk)
+        if cache and estimates and not cached:
+            _write_layout_cache(cache, cache_key, estimates)
         best = min(estimates, key=estimates.get) if estimates else None
         k, v = (tuple(int(x) for x in best.split("x")) if best else
                 (candidates[0][0] * devices, candidates[0][1]))
@@ -819,8 +893,9 @@ class FederatedEngine:
         run(1)
         return min(run(3), run(3))
 
-    def _has_convolution(self, population, state, chunk_plan) -> bool:
-        """Whether one client's update (traced, not compiled) contains a convolution."""
+    def _client_jaxpr(self, population, state, chunk_plan) -> str:
+        """One client's update, traced (not compiled): the text of its jaxpr (what the layout
+        looks for convolutions in, and the probe cache's key)."""
         packed = materialize_chunk(population, chunk_plan, self.packing)
         c = {"data": packed.data, "mask": packed.mask, "client_ids": packed.client_ids[:1],
              "num_examples": packed.num_examples[:1], "weight": np.ones(1, np.float32)}
@@ -831,7 +906,7 @@ class FederatedEngine:
         local = partial.select(state.variables, labels, partial.LOCAL)
         jaxpr = jax.make_jaxpr(functools.partial(_client_update, self.spec))(
             state.variables, local, c, jnp.zeros(2, jnp.uint32))
-        return "conv_general_dilated" in str(jaxpr)
+        return str(jaxpr)
 
     def _zeros_state(self) -> ServerState:
         like = getattr(self, "_state_like", None)
