@@ -117,15 +117,23 @@ def figure(runs: list[dict], summary: dict, path: pathlib.Path, title: str) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.8))
     k = len(json.loads((pathlib.Path(runs[0]["workdir"]) / "eval.json").read_text())[
         "class_names"])
-    for r in runs:
+    many = len(runs) > 4  # one legend entry per seed would cover the curves
+    for i, r in enumerate(runs):
         c = r["pseudo_label_curve"]
         ax.plot([p["threshold"] for p in c],
                 [np.nan if p["accuracy"] is None else p["accuracy"] for p in c], "o-",
-                alpha=0.6, label=f"seed {r['seed']} accuracy")
+                alpha=0.35 if many else 0.6, ms=3 if many else 6,
+                color="tab:blue" if many else None,
+                label=(None if i else "accuracy, one line per seed") if many
+                else f"seed {r['seed']} accuracy")
     pooled = summary["pseudo_label_curve_pooled"]
+    if many:
+        ax.plot([p["threshold"] for p in pooled],
+                [np.nan if p["accuracy"] is None else p["accuracy"] for p in pooled], "o-",
+                color="tab:blue", lw=2.2, label="accuracy, seeds pooled")
     ax.plot([p["threshold"] for p in pooled], [p["videos_selected"] / p["videos"] for p in pooled],
             "s--", color="0.3", label="fraction selected (seeds pooled)")
     ax.axhline(1 / k, color="black", ls=":", lw=1, label=f"chance ({1 / k:.3f})")
@@ -136,7 +144,7 @@ def figure(runs: list[dict], summary: dict, path: pathlib.Path, title: str) -> N
     ax.set_ylim(-0.02, 1.05)
     ax.set_title("IFER pseudo labels on every video of the corpus", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
 
     rows = [(f"s{r['seed']}:{s['subject']}", s) for r in runs for s in r["subjects"]]
     rows.sort(key=lambda x: (not x[1]["adapted"], -(x[1]["micro_f1"][1] - x[1]["micro_f1"][0])))
