@@ -120,21 +120,22 @@ def figure(runs: list[dict], summary: dict, path: pathlib.Path, title: str) -> N
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.8))
     k = len(json.loads((pathlib.Path(runs[0]["workdir"]) / "eval.json").read_text())[
         "class_names"])
-    many = len(runs) > 4  # one legend entry per seed would cover the curves
-    for i, r in enumerate(runs):
-        c = r["pseudo_label_curve"]
-        ax.plot([p["threshold"] for p in c],
-                [np.nan if p["accuracy"] is None else p["accuracy"] for p in c], "o-",
-                alpha=0.35 if many else 0.6, ms=3 if many else 6,
-                color="tab:blue" if many else None,
-                label=(None if i else "accuracy, one line per seed") if many
-                else f"seed {r['seed']} accuracy")
+    def accuracy(curve):
+        return [np.nan if p["accuracy"] is None else p["accuracy"] for p in curve]
+
     pooled = summary["pseudo_label_curve_pooled"]
-    if many:
-        ax.plot([p["threshold"] for p in pooled],
-                [np.nan if p["accuracy"] is None else p["accuracy"] for p in pooled], "o-",
-                color="tab:blue", lw=2.2, label="accuracy, seeds pooled")
-    ax.plot([p["threshold"] for p in pooled], [p["videos_selected"] / p["videos"] for p in pooled],
+    thresholds = [p["threshold"] for p in pooled]
+    if len(runs) <= 4:  # a legend entry per seed
+        for r in runs:
+            ax.plot(thresholds, accuracy(r["pseudo_label_curve"]), "o-", alpha=0.6,
+                    label=f"seed {r['seed']} accuracy")
+    else:  # thin lines under the pooled one; a legend entry per seed would cover the curves
+        for i, r in enumerate(runs):
+            ax.plot(thresholds, accuracy(r["pseudo_label_curve"]), "o-", color="tab:blue",
+                    alpha=0.35, ms=3, label=None if i else "accuracy, one line per seed")
+        ax.plot(thresholds, accuracy(pooled), "o-", color="tab:blue", lw=2.2,
+                label="accuracy, seeds pooled")
+    ax.plot(thresholds, [p["videos_selected"] / p["videos"] for p in pooled],
             "s--", color="0.3", label="fraction selected (seeds pooled)")
     ax.axhline(1 / k, color="black", ls=":", lw=1, label=f"chance ({1 / k:.3f})")
     ax.axvline(runs[0]["threshold"], color="0.5", ls="--", lw=1,
@@ -148,28 +149,15 @@ def figure(runs: list[dict], summary: dict, path: pathlib.Path, title: str) -> N
 
     rows = [(f"s{r['seed']}:{s['subject']}", s) for r in runs for s in r["subjects"]]
     rows.sort(key=lambda x: (not x[1]["adapted"], -(x[1]["micro_f1"][1] - x[1]["micro_f1"][0])))
-    zero_labelled = False
-    for i, (_, s) in enumerate(rows):
-        d = s["micro_f1"][1] - s["micro_f1"][0]
-        if s["adapted"] and d == 0:  # a zero-height bar would be invisible
-            bx.plot(i, 0, "o", color="tab:gray", ms=5,
-                    label=None if zero_labelled else "adapted, no change")
-            zero_labelled = True
-        elif s["adapted"]:
-            bx.bar(i, d, color="tab:green" if d > 0 else "tab:red")
-        else:
-            bx.plot(i, 0, "x", color="0.5", ms=7,
-                    label="skipped (no video above p_threshold)"
-                    if i == sum(r[1]["adapted"] for r in rows) else None)
+    plots.draw_subject_changes(bx, [s["micro_f1"][1] - s["micro_f1"][0] for _, s in rows],
+                               [s["adapted"] for _, s in rows],
+                               skipped_label="skipped (no video above p_threshold)")
     ch = summary["change_over_adapted_subjects"]["micro_f1"]
     if ch["mean"] is not None:
         ci = ch["ci95"]
         bx.axhline(ch["mean"], color="tab:blue", ls="--", lw=1.2,
                    label=f"mean over {ch['n']} adapted {ch['mean']:+.3f}"
                    + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""))
-    bx.axhline(0, color="black", lw=0.8)
-    bx.set_ylim(*plots.zero_centred_limits(
-        [s["micro_f1"][1] - s["micro_f1"][0] for _, s in rows]))
     bx.set_xticks(range(len(rows)), [n for n, _ in rows], rotation=90, fontsize=7)
     bx.set_ylabel("micro F1 after - before")
     bx.set_title("per test subject (seed:subject)", fontsize=9)

@@ -41,13 +41,31 @@ def save_confusion_matrix(cm: np.ndarray, class_names, path: str | pathlib.Path,
     return path
 
 
-def zero_centred_limits(values) -> tuple[float, float]:
-    """y-limits that hold every value and zero with a margin (markers at 0 are not clipped)."""
-    v = np.asarray(values, np.float64)
-    v = v[np.isfinite(v)]
-    lo, hi = min(float(v.min(initial=0.0)), 0.0), max(float(v.max(initial=0.0)), 0.0)
+def draw_subject_changes(ax, differences, adapted, *,
+                         skipped_label: str = "skipped (not adapted)") -> None:
+    """One mark per subject at x = 0, 1, ...: a bar for an adapted subject's change (green gain,
+    red loss; a zero change as a grey dot, since a zero-height bar is invisible), a grey 'x' at 0
+    for a skipped one; the zero line, and a y-range that holds zero and every value."""
+    diffs = np.asarray(differences, np.float64)
+    labelled = set()
+
+    def once(label):  # one legend entry per kind of mark
+        first = label not in labelled
+        labelled.add(label)
+        return label if first else None
+
+    for x, (d, was_adapted) in enumerate(zip(diffs, adapted, strict=True)):
+        if not was_adapted:
+            ax.plot(x, 0.0, "x", color="0.5", ms=7, label=once(skipped_label))
+        elif d == 0:
+            ax.plot(x, 0.0, "o", color="tab:gray", ms=5, label=once("adapted, no change"))
+        else:
+            ax.bar(x, d, color="tab:green" if d > 0 else "tab:red")
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    finite = diffs[np.isfinite(diffs)]
+    lo, hi = min(float(finite.min(initial=0.0)), 0.0), max(float(finite.max(initial=0.0)), 0.0)
     pad = 0.08 * (hi - lo) or 0.05
-    return lo - pad, hi + pad
+    ax.set_ylim(lo - pad, hi + pad)
 
 
 def save_subject_differences(subjects, differences, path: str | pathlib.Path, *,
@@ -67,19 +85,7 @@ def save_subject_differences(subjects, differences, path: str | pathlib.Path, *,
     order = adapted + [i for i in order if names[i] in skipped]  # skipped ones on the right
     width = max(5.0, 0.35 * len(diffs) + 2.0)
     fig, ax = plt.subplots(figsize=(width, 3.6))
-    for x, i in enumerate(order):
-        if names[i] in skipped:
-            ax.plot(x, 0.0, "x", color="0.5", ms=7, label="skipped (not adapted)"
-                    if x == len(adapted) else None)
-        elif diffs[i] == 0:  # a zero-height bar would be invisible
-            ax.plot(x, 0.0, "o", color="tab:gray", ms=5, label="adapted, no change"
-                    if x == next(j for j, k in enumerate(order) if diffs[k] == 0
-                                 and names[k] not in skipped) else None)
-        else:
-            d = diffs[i]
-            ax.bar(x, d, color="tab:green" if d > 0 else "tab:red")
-    ax.axhline(0.0, color="black", linewidth=0.8)
-    ax.set_ylim(*zero_centred_limits(diffs))
+    draw_subject_changes(ax, diffs[order], [names[i] not in skipped for i in order])
     if adapted:
         mean = float(diffs[adapted].mean())
         ax.axhline(mean, color="tab:blue", ls="--", lw=1.2,
