@@ -53,3 +53,16 @@ def test_writes_png(tmp_path):
     assert len(np.unique(image.reshape(-1, 3), axis=0)) > 50
     empty = plots.save_learning_curve([], tmp_path / "empty.png")  # Nothing logged yet: no error.
     assert empty.is_file()
+
+
+def test_legend_names_the_split_of_each_prefix():
+    from fer_jax import data as data_lib
+
+    assert data_lib.split_label("fer2013", "test") == "PrivateTest"
+    assert data_lib.split_label("ferplus", "validation") == "PublicTest"
+    assert data_lib.split_label("ckplus48", "test") == "test"
+    names = {"val": "PublicTest", "eval": "PrivateTest"}
+    assert plots.series_label("val/accuracy", names) == "val/accuracy (PublicTest)"
+    assert plots.series_label("eval/macro_f1", names) == "eval/macro_f1 (PrivateTest)"
+    assert plots.series_label("train/loss", names) == "train/loss"
+    assert plots.series_label("eval/accuracy") == "eval/accuracy"

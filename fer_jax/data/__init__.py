@@ -12,7 +12,7 @@ import pathlib
 
 from fer_jax.data.types import Dataset, Split
 
-__all__ = ["DATASETS", "Dataset", "Split", "load", "resolve_manual_dir"]
+__all__ = ["DATASETS", "Dataset", "Split", "load", "resolve_manual_dir", "split_label"]
 
 # name -> folder under the data root that holds its raw files.
 DATASETS = {"synthetic": None, "fer2013": "fer2013", "ferplus": "fer2013", "ckplus48": "ckplus48",
@@ -25,6 +25,16 @@ def resolve_manual_dir(name: str, manual_dir: str = "") -> pathlib.Path:
         return pathlib.Path(manual_dir).expanduser()
     root = os.environ.get("FER_JAX_DATA", os.path.join("..", "shared", "data"))
     return pathlib.Path(root).expanduser() / DATASETS[name]
+
+
+def split_label(name: str, split: str) -> str:
+    """How a split of dataset `name` is called in its source, for figures and tables:
+    ('fer2013', 'test') -> 'PrivateTest'; the split itself where the source has no other name."""
+    if name in ("fer2013", "ferplus"):
+        from fer_jax.data import fer2013
+
+        return {v: k for k, v in fer2013.USAGE_TO_SPLIT.items()}.get(split, split)
+    return split
 
 
 def load(data) -> Dataset:

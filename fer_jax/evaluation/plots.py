@@ -207,13 +207,23 @@ def learning_curve_series(records) -> dict[str, dict[str, tuple[list, list]]]:
     return out
 
 
+def series_label(key: str, split_names: dict[str, str] | None = None) -> str:
+    """A legend entry: the metrics key, with the split its prefix stands for when known
+    ('val/accuracy' -> 'val/accuracy (PublicTest)' given {'val': 'PublicTest'})."""
+    split = (split_names or {}).get(key.split("/", 1)[0])
+    return f"{key} ({split})" if split else key
+
+
 def save_learning_curve(records, path: str | pathlib.Path, *, title: str = "",
-                        chance: float | None = None, xlabel: str | None = None) -> pathlib.Path:
+                        chance: float | None = None, xlabel: str | None = None,
+                        split_names: dict[str, str] | None = None) -> pathlib.Path:
     """Training loss (left) and every evaluation metric (right) over steps or rounds.
 
     records: metrics.jsonl dicts with 'step' (see `learning_curve_series` for the keys drawn).
     chance: the chance accuracy, drawn as a dashed line on the right. xlabel: default 'round'
-    when the records hold 'round/...' keys (federated runs), else 'step'.
+    when the records hold 'round/...' keys (federated runs), else 'step'. split_names: the
+    split each evaluation prefix reads, for the legend ({'val': 'PublicTest', 'eval':
+    'PrivateTest'}: the periodic and the final evaluations of a FER-2013 run).
     """
     series = learning_curve_series(records)
     if xlabel is None:
@@ -224,7 +234,8 @@ def save_learning_curve(records, path: str | pathlib.Path, *, title: str = "",
         for key, (x, y) in series[group].items():
             if not x:
                 continue
-            ax.plot(x, y, marker="o" if len(x) < 30 else None, markersize=3, label=key)
+            ax.plot(x, y, marker="o" if len(x) < 30 else None, markersize=3,
+                    label=series_label(key, split_names))
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)

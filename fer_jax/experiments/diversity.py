@@ -297,7 +297,7 @@ def run(config, workdir: str) -> dict:
         state = loops.federated(
             run, engine, population, variables, num_rounds=fed.rounds,
             cohort_size=fed.cohort_size, seed=config.seed, eval_every=config.eval_every_rounds,
-            evaluate=lambda s, r: evaluate(loops.server_variables(s), r, test, "eval",
+            evaluate=lambda s, r: evaluate(loops.server_variables(s), r, *periodic,
                                            b=b_final))
         variables = loops.server_variables(state)
         results, last = {"rounds": fed.rounds, "partition": summary}, fed.rounds

@@ -145,7 +145,7 @@ def run(config, workdir: str) -> dict:
     centralized = config.mode == "centralized"
     run = Run(config, workdir)
     t_start = time.perf_counter()
-    dataset, train, test, _ = run.load_data()
+    dataset, train, test, val = run.load_data()
     name = variant_name(config)
     net, disc = build_models(config, dataset.num_classes)
     size, channels = config.data.image_size, config.data.channels
@@ -153,11 +153,15 @@ def run(config, workdir: str) -> dict:
         v["params"]["net"], v.get("batch_stats", {}),
         steps.preprocess(x, image_size=size, channels=channels), net=net)[0])
 
+    # Periodic evaluations read the validation split when the data has one (val/*); the test
+    # split is evaluated once, at the end (eval/*).
+    periodic, tag = (val, "val") if val is not None else (test, "eval")
+
     def evaluate(variables, step):
-        logits = loops.predict_batches(functools.partial(clean, variables), test.images,
+        logits = loops.predict_batches(functools.partial(clean, variables), periodic.images,
                                        config.eval_batch_size)
-        run.writer.write(step, {"eval/clean_accuracy": float(np.mean(logits.argmax(-1)
-                                                                     == test.labels))})
+        run.writer.write(step, {f"{tag}/clean_accuracy": float(np.mean(logits.argmax(-1)
+                                                                       == periodic.labels))})
 
     variables = init_lib.from_config(config, init_variables(config, net, disc),
                                      writer=run.writer)  # config.init

@@ -109,9 +109,13 @@ class Run:
                 plots.save_panels(read_jsonl(metrics_path), panels,
                                   self.workdir / "learning_curve.png", title=title)
             else:
+                data = self.config.data
+                splits = {"eval": data_lib.split_label(data.name, data.eval_split)}
+                if data.get("val_split"):
+                    splits["val"] = data_lib.split_label(data.name, data.val_split)
                 plots.save_learning_curve(read_jsonl(metrics_path),
                                           self.workdir / "learning_curve.png", title=title,
-                                          chance=chance)
+                                          chance=chance, split_names=splits)
             files.append("learning_curve.png")
         files += sorted(p.name for p in self.workdir.glob("*.png") if p.name not in files)
         vs = f" (chance {chance:.3f})" if chance is not None else ""
