@@ -13,6 +13,8 @@ ROOT/sweep.png (arms with 95% error bars, runs as dots, optional chance line):
   python launch/sweep.py ... --report_only    # rebuild the report from the runs on disk
   python launch/sweep.py ... --dry_run        # print the commands of the runs still to do
   python launch/sweep.py ... --print_overrides   # one override line per run, for tpu_pod.py
+  python launch/sweep.py --workdir=/tmp/both --combine=a=/tmp/a/sweep.json \
+      --combine=b=/tmp/b/sweep.json   # one table and figure of sweeps run apart
 
 Arms: `--arm NAME=KEY=VALUE,KEY=VALUE` (repeatable; `--arm NAME` = the config as it is). Without
 --arm, the arms are the entries of the config file's `get_sweep(arg) -> list[dict]`, each named
@@ -34,6 +36,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import textwrap
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 EVAL_FILE = "eval.json"
@@ -302,8 +305,8 @@ def plot(path, config_spec: str, records: list[dict], summary: dict, metrics: li
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8, loc="best")
     done = sum(r["metrics"] is not None for r in records)
-    fig.suptitle(f"{config_spec}: {done} runs, {len(arms)} arm{'s' * (len(arms) != 1)}",
-                 fontsize=10)
+    title = f"{config_spec}: {done} runs, {len(arms)} arm{'s' * (len(arms) != 1)}"
+    fig.suptitle(textwrap.fill(title, width=int(14 * width * len(metrics))), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -312,11 +315,40 @@ def plot(path, config_spec: str, records: list[dict], summary: dict, metrics: li
 def report(root, config_spec: str, runs: list[Run], metrics: list[str],
            chance: dict | None = None) -> dict:
     """Writes ROOT/sweep.json, sweep.md and sweep.png; returns the JSON content."""
-    root = pathlib.Path(root)
     records = collect(runs, metrics)
     if not any(r["metrics"] for r in records):
         raise SystemExit(f"{root}: none of the {len(runs)} runs has an {EVAL_FILE}; nothing to "
                          "report")
+    return write_report(root, config_spec, records, metrics, chance)
+
+
+def combined_records(sources: list[str], metrics: list[str]) -> tuple[str, list[dict]]:
+    """(title, records) of other sweeps' sweep.json files given as `LABEL=PATH`: every arm
+    renamed 'LABEL: arm', so sweeps run apart (another day, another recipe) share one table."""
+    titles, records = [], []
+    for source in sources:
+        label, sep, path = source.partition("=")
+        if not sep or not label or not path:
+            raise SystemExit(f"--combine={source!r}: expected LABEL=PATH/TO/sweep.json")
+        try:
+            content = json.loads(pathlib.Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"--combine {path}: cannot read a sweep.json ({e})") from None
+        missing = [m for m in metrics if m not in content.get("metrics", [])]
+        if missing:
+            raise SystemExit(f"--combine {path}: metrics {missing} not in its "
+                             f"{content.get('metrics')}")
+        titles.append(f"{label}: {content.get('config', '?')}")
+        for r in content["runs"]:
+            values = r["metrics"] and {m: r["metrics"][m] for m in metrics}
+            records.append({**r, "arm": f"{label}: {r['arm']}", "metrics": values})
+    return " + ".join(titles), records
+
+
+def write_report(root, config_spec: str, records: list[dict], metrics: list[str],
+                 chance: dict | None = None) -> dict:
+    """Writes ROOT/sweep.json, sweep.md and sweep.png of `records`; returns the JSON content."""
+    root = pathlib.Path(root)
     summary = summary_by_arm(records, metrics)
     content = {"config": config_spec, "metrics": metrics, "runs": records, "summary": summary}
     root.mkdir(parents=True, exist_ok=True)
@@ -357,7 +389,7 @@ def plan(args) -> list[Run]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="configs/<file>.py[:args]")
+    parser.add_argument("--config", default="", help="configs/<file>.py[:args]")
     parser.add_argument("--workdir", required=True, help="root; each run writes a subfolder")
     parser.add_argument("--arm", action="append", default=[],
                         help="NAME[=KEY=VALUE,KEY=VALUE...] (repeatable); default: get_sweep")
@@ -375,11 +407,22 @@ def main(argv=None) -> int:
                         help="run nothing; rebuild the report from the runs on disk")
     parser.add_argument("--print_overrides", action="store_true",
                         help="print one line of --config overrides per run")
+    parser.add_argument("--combine", action="append", default=[],
+                        help="LABEL=PATH/TO/sweep.json (repeatable): run nothing; one report "
+                             "in --workdir of these sweeps' runs, arms named 'LABEL: arm'")
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     metrics = args.metric or ["test.accuracy"]
     chance = parse_chance(args.chance, metrics)
+    root = pathlib.Path(args.workdir)
+    if args.combine:
+        title, records = combined_records(args.combine, metrics)
+        write_report(root, title, records, metrics, chance)
+        print((root / "sweep.md").read_text(), end="")
+        return 0
+    if not args.config:
+        parser.error("--config is required (unless --combine)")
     runs = plan(args)
     if args.print_overrides:
         for run in runs:
@@ -398,7 +441,6 @@ def main(argv=None) -> int:
     if args.dry_run:
         return 0
     content = report(args.workdir, args.config, runs, metrics, chance)
-    root = pathlib.Path(args.workdir)
     print((root / "sweep.md").read_text(), end="")
     print(f"wrote {root / 'sweep.json'}, {root / 'sweep.md'}, {root / 'sweep.png'} "
           f"({sum(r['metrics'] is not None for r in content['runs'])} of {len(runs)} runs)")

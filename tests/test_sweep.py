@@ -219,3 +219,25 @@ def test_report_errors_name_the_file(tmp_path):
         sweep.parse_chance(["test.f1=0.1"], ["test.accuracy"])
     assert sweep.parse_chance(["0.2", "b=0.5"], ["a", "b"]) == {"a": 0.2, "b": 0.5}
     assert math.isclose(sweep.summarize([1, 2, 3, 4])["std"], math.sqrt(5 / 3))
+
+
+def test_combine_merges_sweeps_run_apart(tmp_path):
+    root = tmp_path / "root"
+    _fake_runs(root)
+    out = _cli("--config=configs/supervised.py:data=ckplus48", f"--workdir={root}", "--arm=base",
+               "--arm=wide", "--seeds=0,1,2", "--metric=test.accuracy", "--report_only")
+    assert out.returncode == 0, out.stderr
+    both = tmp_path / "both"
+    out = _cli(f"--workdir={both}", f"--combine=day1={root / 'sweep.json'}",
+               f"--combine=day2={root / 'sweep.json'}", "--metric=test.accuracy")
+    assert out.returncode == 0, out.stderr
+    content = json.loads((both / "sweep.json").read_text())
+    assert list(content["summary"]) == ["day1: base", "day1: wide", "day2: base", "day2: wide"]
+    assert content["summary"]["day2: wide"]["test.accuracy"]["mean"] == pytest.approx(0.8)
+    assert len(content["runs"]) == 12 and (both / "sweep.png").is_file()
+    with pytest.raises(SystemExit, match=r"metrics \['test.top5'\] not in"):
+        sweep.combined_records([f"a={root / 'sweep.json'}"], ["test.top5"])
+    with pytest.raises(SystemExit, match="expected LABEL=PATH"):
+        sweep.combined_records([str(root / "sweep.json")], ["test.accuracy"])
+    with pytest.raises(SystemExit, match="cannot read a sweep.json"):
+        sweep.combined_records([f"a={tmp_path / 'none.json'}"], ["test.accuracy"])
