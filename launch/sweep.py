@@ -306,7 +306,7 @@ def plot(path, config_spec: str, records: list[dict], summary: dict, metrics: li
         ax.legend(fontsize=8, loc="best")
     done = sum(r["metrics"] is not None for r in records)
     title = f"{config_spec}: {done} runs, {len(arms)} arm{'s' * (len(arms) != 1)}"
-    fig.suptitle(textwrap.fill(title, width=int(14 * width * len(metrics))), fontsize=10)
+    fig.suptitle(textwrap.fill(title, width=int(10 * width * len(metrics))), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
