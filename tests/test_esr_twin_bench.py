@@ -1,0 +1,73 @@
+"""benchmarks/esr_federated_twin.py: its run commands and its report of finished runs, on
+hand-made run files."""
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "esr_federated_twin.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("esr_federated_twin", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write(workdir, records, *, config, eval_json, partition=None):
+    workdir.mkdir(parents=True)
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (workdir / "config.json").write_text(json.dumps(config))
+    (workdir / "eval.json").write_text(json.dumps(eval_json))
+    if partition is not None:
+        (workdir / "partition.json").write_text(json.dumps(partition))
+
+
+def _fake(root, seed, fed_acc, cen_acc):
+    test = lambda a: {"test": {"accuracy": a, "macro": {"f1": a / 2}}}  # noqa: E731
+    # Federated: 4 rounds of 50 examples out of 200 = 0.25 epoch each, val every 2 rounds.
+    _write(root / "federated" / f"seed{seed}",
+           [{"step": r, "round/examples": 50, "train/loss": 1.0} for r in (1, 2)]
+           + [{"step": 2, "val/accuracy": 0.3}]
+           + [{"step": r, "round/examples": 50, "train/loss": 1.0} for r in (3, 4)]
+           + [{"step": 4, "val/accuracy": 0.4}],
+           config={"train": {"num_epochs": 40}}, eval_json={"rounds": 4, **test(fed_acc)},
+           partition={"sizes": {"total": 200}})
+    # Centralized: 2 epochs of 10 steps, val after each.
+    _write(root / "centralized" / f"seed{seed}",
+           [{"step": 10, "val/accuracy": 0.5}, {"step": 20, "val/accuracy": 0.6}],
+           config={"train": {"num_epochs": 2}}, eval_json={"steps": 20, **test(cen_acc)})
+
+
+def test_commands_match_in_epochs_and_model():
+    bench = _bench()
+    args = bench.argparse.Namespace(workdir="/w", arm="noatt", branches=4, width=0.25,
+                                    clients=20, cohort=10, alpha=0.5, rounds=10)
+    cmds = bench.commands(args, 3)
+    fed, cen = " ".join(cmds["federated"]), " ".join(cmds["centralized"])
+    assert "mode=federated" in fed and "--config.fed.rounds=10" in fed
+    assert "--config.train.num_epochs=5 " in cen + " "  # 10 rounds x 10 / 20 clients
+    assert "--config.model.kwargs.norm=group" in cen  # the federated path's norm
+    for cmd in (fed, cen):
+        assert "--config.seed=3" in cmd and "--config.model.kwargs.cbam=False" in cmd
+
+
+def test_report_of_finished_runs(tmp_path):
+    bench = _bench()
+    _fake(tmp_path, 0, 0.40, 0.60)
+    _fake(tmp_path, 1, 0.44, 0.62)
+    assert bench.curve(tmp_path / "federated" / "seed0", "federated") == ([0.5, 1.0], [0.3, 0.4])
+    assert bench.curve(tmp_path / "centralized" / "seed0", "centralized") == ([1.0, 2.0],
+                                                                              [0.5, 0.6])
+    bench.main(["--workdir", str(tmp_path), "--seeds", "0,1", "--report_only"])
+    content = json.loads((tmp_path / "twin.json").read_text())
+    assert content["summary"]["federated"]["accuracy"]["mean"] == pytest.approx(0.42)
+    assert content["summary"]["centralized"]["macro_f1"]["mean"] == pytest.approx(0.305)
+    diff = content["federated_minus_centralized_accuracy"]
+    assert diff["mean"] == pytest.approx(-0.19) and diff["n"] == 2
+    assert (tmp_path / "twin.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="no finished run"):
+        bench.main(["--workdir", str(tmp_path / "none"), "--report_only"])
