@@ -6,12 +6,17 @@ run does `--rounds` rounds of `--cohort` of `--clients` Dirichlet(`--alpha`) cli
 epoch of client Adam each (state fresh every round), so it sees about rounds x cohort / clients
 epochs; the centralized twin trains that many epochs with the config's AdamW recipe. Every run
 is one `python -m fer_jax.main` into ROOT/{federated,centralized}/seedS; a run whose eval.json
-exists is not run again. Writes ROOT/twin.json (PrivateTest accuracy and macro F1 per run, mean
-and 95% t-interval per mode, paired federated - centralized differences) and ROOT/twin.png
-(PublicTest accuracy against epochs of training data seen; PrivateTest per run).
+exists is not run again. `--local_steps L` trains each client L steps instead of an epoch (more,
+shorter rounds for the same data: less client drift) into ROOT/federated_stepsL/seedS, beside
+the same centralized twin (`--epochs`: its length, default rounds x cohort / clients). Writes
+ROOT/twin.json (PrivateTest accuracy and macro F1 per run, mean and 95% t-interval per mode,
+paired federated - centralized differences) and ROOT/twin.png (PublicTest accuracy against
+epochs of training data seen; PrivateTest per run), over every federated mode under ROOT.
 
   python benchmarks/esr_federated_twin.py --workdir /tmp/twin --seeds 0    # ~25 min on 2 cores
   python benchmarks/esr_federated_twin.py --workdir /tmp/twin --arm full   # CBAM + D_sp + D_ch
+  python benchmarks/esr_federated_twin.py --workdir /tmp/twin --local_steps 20 --rounds 40 \
+      --epochs 5     # 40 rounds of 20 client steps beside the same 5-epoch twin
   python benchmarks/esr_federated_twin.py --workdir /tmp/twin --report_only
 
 Arms: `noatt` (the best arm of the Table-1 ablation at CPU size: no CBAM, no diversity terms)
@@ -40,24 +45,48 @@ ARM_TITLES = {"noatt": "no attention, no diversity terms", "full": "CBAM + D_sp 
 CHANCE = 0.125  # 8 FER+ classes
 
 
+def federated_mode(local_steps: int) -> str:
+    return f"federated_steps{local_steps}" if local_steps else "federated"
+
+
+def centralized_epochs(args) -> float:
+    return args.epochs or args.rounds * args.cohort / args.clients
+
+
 def commands(args, seed: int) -> dict[str, list[str]]:
     """The two runs of one seed: {mode: argv}."""
     config = f"configs/esr.py:data=ferplus,size=48,branches={args.branches},width={args.width}"
     common = [sys.executable, "-m", "fer_jax.main", *ARMS[args.arm], f"--config.seed={seed}"]
-    epochs = args.rounds * args.cohort / args.clients
     root = pathlib.Path(args.workdir)
+    fed = federated_mode(args.local_steps)
+    every = max(1, args.rounds // 5)
     return {
-        "federated": common + [
-            f"--config={config},mode=federated", f"--workdir={root / 'federated' / f'seed{seed}'}",
+        fed: common + [
+            f"--config={config},mode=federated", f"--workdir={root / fed / f'seed{seed}'}",
             f"--config.fed.num_clients={args.clients}", f"--config.fed.cohort_size={args.cohort}",
             f"--config.fed.dirichlet_alpha={args.alpha}", f"--config.fed.rounds={args.rounds}",
+            f"--config.fed.local_steps={args.local_steps}",
             "--config.fed.client_optimizer=adam", "--config.fed.client_learning_rate=1e-3",
-            "--config.eval_every_rounds=2", "--config.checkpoint_every_rounds=2"],
+            f"--config.eval_every_rounds={every}", f"--config.checkpoint_every_rounds={every}"],
         "centralized": common + [
             f"--config={config}", f"--workdir={root / 'centralized' / f'seed{seed}'}",
             "--config.model.kwargs.norm=group", "--config.esr.progressive=False",
-            f"--config.train.num_epochs={epochs:g}"],
+            f"--config.train.num_epochs={centralized_epochs(args):g}"],
     }
+
+
+def label(mode: str) -> str:
+    if mode == "centralized":
+        return "centralized"
+    steps = mode.removeprefix("federated_steps")
+    return "FedAvg, 1 local epoch" if mode == "federated" else f"FedAvg, {steps} local steps"
+
+
+def modes(root: pathlib.Path) -> list[str]:
+    """The federated modes with runs under ROOT (one local epoch first), then 'centralized'."""
+    fed = sorted((p.name for p in root.glob("federated*") if p.is_dir()),
+                 key=lambda m: (m != "federated", len(m), m))
+    return fed + ["centralized"]
 
 
 def curve(workdir: pathlib.Path, mode: str) -> tuple[list[float], list[float]]:
@@ -66,9 +95,10 @@ def curve(workdir: pathlib.Path, mode: str) -> tuple[list[float], list[float]]:
                if line.strip()]
     config = json.loads((workdir / "config.json").read_text())
     total = json.loads((workdir / "partition.json").read_text())["sizes"]["total"] \
-        if mode == "federated" else None
+        if mode.startswith("federated") else None
     xs, ys, seen = [], [], {}
-    if mode == "federated":  # cumulative examples trained by the end of each round
+    federated = mode.startswith("federated")
+    if federated:  # cumulative examples trained by the end of each round
         done = 0
         for r in records:
             if "round/examples" in r:
@@ -77,7 +107,7 @@ def curve(workdir: pathlib.Path, mode: str) -> tuple[list[float], list[float]]:
     for r in records:
         if "val/accuracy" not in r:
             continue
-        if mode == "federated":
+        if federated:
             xs.append(seen[r["step"]])
         else:
             eval_json = json.loads((workdir / "eval.json").read_text())
@@ -89,8 +119,9 @@ def curve(workdir: pathlib.Path, mode: str) -> tuple[list[float], list[float]]:
 
 def report(args, seeds: list[int]) -> dict:
     root = pathlib.Path(args.workdir)
+    all_modes = modes(root)
     runs = {}
-    for mode in ("federated", "centralized"):
+    for mode in all_modes:
         for s in seeds:
             path = root / mode / f"seed{s}" / "eval.json"
             if path.exists():
@@ -99,40 +130,42 @@ def report(args, seeds: list[int]) -> dict:
     if not runs:
         raise SystemExit(f"{root}: no finished run (no */seed*/eval.json)")
     summary = {mode: {m: sweep.summarize([v[m] for (md, _), v in runs.items() if md == mode])
-                      for m in ("accuracy", "macro_f1")}
-               for mode in ("federated", "centralized")}
-    paired = [runs[("federated", s)]["accuracy"] - runs[("centralized", s)]["accuracy"]
-              for s in seeds if ("federated", s) in runs and ("centralized", s) in runs]
+                      for m in ("accuracy", "macro_f1")} for mode in all_modes}
+    paired = {}
+    for mode in all_modes[:-1]:
+        diffs = [runs[(mode, s)]["accuracy"] - runs[("centralized", s)]["accuracy"]
+                 for s in seeds if (mode, s) in runs and ("centralized", s) in runs]
+        paired[mode] = sweep.summarize(diffs) if diffs else None
     content = {"arm": args.arm, "arm_flags": ARMS[args.arm],
                "protocol": {"clients": args.clients, "cohort": args.cohort, "alpha": args.alpha,
-                            "rounds": args.rounds, "branches": args.branches,
-                            "width": args.width,
-                            "centralized_epochs": args.rounds * args.cohort / args.clients},
+                            "branches": args.branches, "width": args.width,
+                            "federated_commands": {m: " ".join(c) for m, c in
+                                                   commands(args, seeds[0]).items()}},
                "runs": [{"mode": m, "seed": s, **v} for (m, s), v in sorted(runs.items())],
                "summary": summary,
-               "federated_minus_centralized_accuracy": sweep.summarize(paired) if paired
-               else None}
+               "federated_minus_centralized_accuracy": paired}
     (root / "twin.json").write_text(json.dumps(content, indent=2) + "\n")
-    plot(root, args, runs, seeds)
+    plot(root, args, runs, seeds, all_modes)
     return content
 
 
-def plot(root: pathlib.Path, args, runs: dict, seeds: list[int]) -> None:
+def plot(root: pathlib.Path, args, runs: dict, seeds: list[int], all_modes: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [2, 1]})
-    colours = {"federated": "C0", "centralized": "C1"}
-    for mode in ("federated", "centralized"):
+    colours = {mode: f"C{i}" for i, mode in enumerate(all_modes)}
+    names = {mode: label(mode) for mode in all_modes}
+    for mode in all_modes:
         for k, s in enumerate(seeds):
             workdir = root / mode / f"seed{s}"
             if not (workdir / "eval.json").exists():
                 continue
             xs, ys = curve(workdir, mode)
             ax.plot(xs, ys, marker="o", ms=3, color=colours[mode], alpha=0.8,
-                    label=f"{mode} (seed {s})" if len(seeds) > 1 else mode,
+                    label=f"{names[mode]} (seed {s})" if len(seeds) > 1 else names[mode],
                     linestyle="-" if k == 0 else "--")
     ax.axhline(CHANCE, color="black", linestyle=":", lw=1, label=f"chance ({CHANCE})")
     ax.set_xlabel("epochs of training data seen")
@@ -140,7 +173,7 @@ def plot(root: pathlib.Path, args, runs: dict, seeds: list[int]) -> None:
     ax.set_ylim(0, None)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    for i, mode in enumerate(("federated", "centralized")):
+    for i, mode in enumerate(all_modes):
         vals = [v["accuracy"] for (m, _), v in runs.items() if m == mode]
         bx.scatter([i] * len(vals), vals, color=colours[mode], s=24, zorder=3)
         if len(vals) > 1:
@@ -148,8 +181,9 @@ def plot(root: pathlib.Path, args, runs: dict, seeds: list[int]) -> None:
             bx.errorbar(i + 0.15, s["mean"], yerr=s["half_width"], fmt="o", color="black",
                         capsize=5, label="mean, 95% t-interval" if i == 0 else None)
     bx.axhline(CHANCE, color="black", linestyle=":", lw=1)
-    bx.set_xticks([0, 1], ["federated", "centralized"])
-    bx.set_xlim(-0.5, 1.6)
+    bx.set_xticks(range(len(all_modes)), [names[m].replace(", ", ",\n") for m in all_modes],
+                  fontsize=8)
+    bx.set_xlim(-0.5, len(all_modes) - 0.4)
     bx.set_ylim(0, None)
     bx.set_ylabel("PrivateTest accuracy (final)")
     bx.grid(axis="y", alpha=0.3)
@@ -175,6 +209,10 @@ def main(argv=None) -> int:
     parser.add_argument("--cohort", type=int, default=10)
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--local_steps", type=int, default=0,
+                        help="client steps per round (0 = one local epoch)")
+    parser.add_argument("--epochs", type=float, default=0.0,
+                        help="centralized twin's epochs (0 = rounds x cohort / clients)")
     parser.add_argument("--report_only", action="store_true")
     args = parser.parse_args(argv)
     seeds = sweep.parse_ints(args.seeds, flag="seeds")

@@ -26,10 +26,10 @@ def _write(workdir, records, *, config, eval_json, partition=None):
         (workdir / "partition.json").write_text(json.dumps(partition))
 
 
-def _fake(root, seed, fed_acc, cen_acc):
+def _fake(root, seed, fed_acc, cen_acc, fed_mode="federated"):
     test = lambda a: {"test": {"accuracy": a, "macro": {"f1": a / 2}}}  # noqa: E731
     # Federated: 4 rounds of 50 examples out of 200 = 0.25 epoch each, val every 2 rounds.
-    _write(root / "federated" / f"seed{seed}",
+    _write(root / fed_mode / f"seed{seed}",
            [{"step": r, "round/examples": 50, "train/loss": 1.0} for r in (1, 2)]
            + [{"step": 2, "val/accuracy": 0.3}]
            + [{"step": r, "round/examples": 50, "train/loss": 1.0} for r in (3, 4)]
@@ -46,19 +46,31 @@ def test_commands_match_in_epochs_and_model():
     bench = _bench()
     args = bench.argparse.Namespace(workdir="/w", arm="noatt", branches=4, width=0.25,
                                     clients=20, cohort=10, alpha=0.5, rounds=10)
+    args.local_steps, args.epochs = 0, 0.0
     cmds = bench.commands(args, 3)
     fed, cen = " ".join(cmds["federated"]), " ".join(cmds["centralized"])
     assert "mode=federated" in fed and "--config.fed.rounds=10" in fed
+    assert "--config.fed.local_steps=0" in fed and "--config.eval_every_rounds=2" in fed
     assert "--config.train.num_epochs=5 " in cen + " "  # 10 rounds x 10 / 20 clients
     assert "--config.model.kwargs.norm=group" in cen  # the federated path's norm
     for cmd in (fed, cen):
         assert "--config.seed=3" in cmd and "--config.model.kwargs.cbam=False" in cmd
+    args.local_steps, args.rounds, args.epochs = 20, 40, 5.0  # the same twin, other rounds
+    cmds = bench.commands(args, 3)
+    assert "/w/federated_steps20/seed3" in " ".join(cmds["federated_steps20"])
+    assert "--config.eval_every_rounds=8" in cmds["federated_steps20"]
+    assert cmds["centralized"][-1] == "--config.train.num_epochs=5"
 
 
 def test_report_of_finished_runs(tmp_path):
     bench = _bench()
     _fake(tmp_path, 0, 0.40, 0.60)
     _fake(tmp_path, 1, 0.44, 0.62)
+    _fake(tmp_path / "steps", 0, 0.50, 0.60, fed_mode="federated_steps20")
+    (tmp_path / "federated_steps20").mkdir()
+    (tmp_path / "steps" / "federated_steps20" / "seed0").rename(
+        tmp_path / "federated_steps20" / "seed0")
+    assert bench.modes(tmp_path) == ["federated", "federated_steps20", "centralized"]
     assert bench.curve(tmp_path / "federated" / "seed0", "federated") == ([0.5, 1.0], [0.3, 0.4])
     assert bench.curve(tmp_path / "centralized" / "seed0", "centralized") == ([1.0, 2.0],
                                                                               [0.5, 0.6])
@@ -67,7 +79,9 @@ def test_report_of_finished_runs(tmp_path):
     assert content["summary"]["federated"]["accuracy"]["mean"] == pytest.approx(0.42)
     assert content["summary"]["centralized"]["macro_f1"]["mean"] == pytest.approx(0.305)
     diff = content["federated_minus_centralized_accuracy"]
-    assert diff["mean"] == pytest.approx(-0.19) and diff["n"] == 2
+    assert diff["federated"]["mean"] == pytest.approx(-0.19) and diff["federated"]["n"] == 2
+    assert diff["federated_steps20"]["mean"] == pytest.approx(-0.10)
+    assert content["summary"]["federated_steps20"]["accuracy"]["n"] == 1
     assert (tmp_path / "twin.png").stat().st_size > 10_000
     with pytest.raises(SystemExit, match="no finished run"):
         bench.main(["--workdir", str(tmp_path / "none"), "--report_only"])
