@@ -56,20 +56,25 @@ def centralized_epochs(args) -> float:
 def commands(args, seed: int) -> dict[str, list[str]]:
     """The two runs of one seed: {mode: argv}."""
     config = f"configs/esr.py:data=ferplus,size=48,branches={args.branches},width={args.width}"
-    common = [sys.executable, "-m", "fer_jax.main", *ARMS[args.arm], f"--config.seed={seed}"]
+    # absl's config flag must come before its overrides, so each command is
+    # main + --config + --workdir, then the arm's and the mode's overrides.
+    main = [sys.executable, "-m", "fer_jax.main"]
+    common = [*ARMS[args.arm], f"--config.seed={seed}"]
     root = pathlib.Path(args.workdir)
     fed = federated_mode(args.local_steps)
     every = max(1, args.rounds // 5)
     return {
-        fed: common + [
+        fed: main + [
             f"--config={config},mode=federated", f"--workdir={root / fed / f'seed{seed}'}",
+            *common,
             f"--config.fed.num_clients={args.clients}", f"--config.fed.cohort_size={args.cohort}",
             f"--config.fed.dirichlet_alpha={args.alpha}", f"--config.fed.rounds={args.rounds}",
             f"--config.fed.local_steps={args.local_steps}",
             "--config.fed.client_optimizer=adam", "--config.fed.client_learning_rate=1e-3",
             f"--config.eval_every_rounds={every}", f"--config.checkpoint_every_rounds={every}"],
-        "centralized": common + [
+        "centralized": main + [
             f"--config={config}", f"--workdir={root / 'centralized' / f'seed{seed}'}",
+            *common,
             "--config.model.kwargs.norm=group", "--config.esr.progressive=False",
             f"--config.train.num_epochs={centralized_epochs(args):g}"],
     }

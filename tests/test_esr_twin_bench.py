@@ -62,6 +62,31 @@ def test_commands_match_in_epochs_and_model():
     assert cmds["centralized"][-1] == "--config.train.num_epochs=5"
 
 
+@pytest.mark.parametrize("arm", ["noatt", "full"])
+def test_commands_parse_as_main_parses_them(arm):
+    """absl rejects a --config.x override before --config: each command must parse."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    bench = _bench()
+    args = bench.argparse.Namespace(workdir="/w", arm=arm, branches=4, width=0.25,
+                                    clients=20, cohort=10, alpha=0.5, rounds=10)
+    args.local_steps, args.epochs = 0, 0.0
+    root = pathlib.Path(__file__).resolve().parents[1]
+    for mode, argv in bench.commands(args, 3).items():
+        assert argv[1:3] == ["-m", "fer_jax.main"]
+        argv = [argv[0], *(a.replace("configs/", f"{root}/configs/", 1) for a in argv[3:])]
+        fv = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", flag_values=fv, sys_argv=argv)
+        flags.DEFINE_string("workdir", None, "", flag_values=fv)
+        fv(argv)
+        config = fv.config
+        assert config.seed == 3, mode
+        assert config.model.kwargs.cbam == (arm == "full"), mode
+        assert (config.diversity.spatial_weight == 0) == (arm == "noatt"), mode
+        assert fv.workdir == f"/w/{mode}/seed3"
+
+
 def test_report_of_finished_runs(tmp_path):
     bench = _bench()
     _fake(tmp_path, 0, 0.40, 0.60)
