@@ -88,8 +88,9 @@ def label(mode: str) -> str:
 
 
 def modes(root: pathlib.Path) -> list[str]:
-    """The federated modes with runs under ROOT (one local epoch first), then 'centralized'."""
-    fed = sorted((p.name for p in root.glob("federated*") if p.is_dir()),
+    """The federated modes with a finished run under ROOT (one local epoch first), then
+    'centralized'."""
+    fed = sorted((p.name for p in root.glob("federated*") if any(p.glob("seed*/eval.json"))),
                  key=lambda m: (m != "federated", len(m), m))
     return fed + ["centralized"]
 
@@ -146,15 +147,17 @@ def report(args, seeds: list[int]) -> dict:
                             "branches": args.branches, "width": args.width,
                             "federated_commands": {m: " ".join(c) for m, c in
                                                    commands(args, seeds[0]).items()}},
+               "seeds_finished": sorted({s for _, s in runs}),
                "runs": [{"mode": m, "seed": s, **v} for (m, s), v in sorted(runs.items())],
                "summary": summary,
                "federated_minus_centralized_accuracy": paired}
     (root / "twin.json").write_text(json.dumps(content, indent=2) + "\n")
-    plot(root, args, runs, seeds, all_modes)
+    plot(root, args, runs, content["seeds_finished"], all_modes)
     return content
 
 
 def plot(root: pathlib.Path, args, runs: dict, seeds: list[int], all_modes: list[str]) -> None:
+    """Validation curves and final test accuracy; `seeds` are those with a finished run."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -96,6 +96,8 @@ def test_report_of_finished_runs(tmp_path):
     (tmp_path / "steps" / "federated_steps20" / "seed0").rename(
         tmp_path / "federated_steps20" / "seed0")
     assert bench.modes(tmp_path) == ["federated", "federated_steps20", "centralized"]
+    (tmp_path / "federated_steps50" / "seed0").mkdir(parents=True)  # a run still going
+    assert bench.modes(tmp_path) == ["federated", "federated_steps20", "centralized"]
     assert bench.curve(tmp_path / "federated" / "seed0", "federated") == ([0.5, 1.0], [0.3, 0.4])
     assert bench.curve(tmp_path / "centralized" / "seed0", "centralized") == ([1.0, 2.0],
                                                                               [0.5, 0.6])
@@ -108,5 +110,7 @@ def test_report_of_finished_runs(tmp_path):
     assert diff["federated_steps20"]["mean"] == pytest.approx(-0.10)
     assert content["summary"]["federated_steps20"]["accuracy"]["n"] == 1
     assert (tmp_path / "twin.png").stat().st_size > 10_000
+    bench.main(["--workdir", str(tmp_path), "--seeds", "0-2", "--report_only"])  # 2 unfinished
+    assert json.loads((tmp_path / "twin.json").read_text())["seeds_finished"] == [0, 1]
     with pytest.raises(SystemExit, match="no finished run"):
         bench.main(["--workdir", str(tmp_path / "none"), "--report_only"])
