@@ -8,7 +8,9 @@ epochs; the centralized twin trains that many epochs with the config's AdamW rec
 is one `python -m fer_jax.main` into ROOT/{federated,centralized}/seedS; a run whose eval.json
 exists is not run again. `--local_steps L` trains each client L steps instead of an epoch (more,
 shorter rounds for the same data: less client drift) into ROOT/federated_stepsL/seedS, beside
-the same centralized twin (`--epochs`: its length, default rounds x cohort / clients). Writes
+the same centralized twin (`--epochs`: its length, default rounds x cohort / clients);
+`--server_optimizer fedavgm|fedadam|fedyogi` replaces the server's plain average (mode name
+suffixed `_fedadam` etc.; `--server_lr`, 0 = the optimizer's default). Writes
 ROOT/twin.json (PrivateTest accuracy and macro F1 per run, mean and 95% t-interval per mode,
 paired federated - centralized differences) and ROOT/twin.png (PublicTest accuracy against
 epochs of training data seen; PrivateTest per run), over every federated mode under ROOT.
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -45,8 +48,9 @@ ARM_TITLES = {"noatt": "no attention, no diversity terms", "full": "CBAM + D_sp 
 CHANCE = 0.125  # 8 FER+ classes
 
 
-def federated_mode(local_steps: int) -> str:
-    return f"federated_steps{local_steps}" if local_steps else "federated"
+def federated_mode(local_steps: int, server: str = "fedavg") -> str:
+    mode = f"federated_steps{local_steps}" if local_steps else "federated"
+    return mode if server == "fedavg" else f"{mode}_{server}"
 
 
 def centralized_epochs(args) -> float:
@@ -61,7 +65,8 @@ def commands(args, seed: int) -> dict[str, list[str]]:
     main = [sys.executable, "-m", "fer_jax.main"]
     common = [*ARMS[args.arm], f"--config.seed={seed}"]
     root = pathlib.Path(args.workdir)
-    fed = federated_mode(args.local_steps)
+    server = getattr(args, "server_optimizer", "fedavg")
+    fed = federated_mode(args.local_steps, server)
     every = max(1, args.rounds // 5)
     return {
         fed: main + [
@@ -70,6 +75,8 @@ def commands(args, seed: int) -> dict[str, list[str]]:
             f"--config.fed.num_clients={args.clients}", f"--config.fed.cohort_size={args.cohort}",
             f"--config.fed.dirichlet_alpha={args.alpha}", f"--config.fed.rounds={args.rounds}",
             f"--config.fed.local_steps={args.local_steps}",
+            f"--config.fed.server_optimizer={server}",
+            f"--config.fed.server_learning_rate={getattr(args, 'server_lr', 0.0):g}",
             "--config.fed.client_optimizer=adam", "--config.fed.client_learning_rate=1e-3",
             f"--config.eval_every_rounds={every}", f"--config.checkpoint_every_rounds={every}"],
         "centralized": main + [
@@ -83,8 +90,9 @@ def commands(args, seed: int) -> dict[str, list[str]]:
 def label(mode: str) -> str:
     if mode == "centralized":
         return "centralized"
-    steps = mode.removeprefix("federated_steps")
-    return "FedAvg, 1 local epoch" if mode == "federated" else f"FedAvg, {steps} local steps"
+    steps, server = re.fullmatch(r"federated(?:_steps(\d+))?(?:_(\w+))?", mode).groups()
+    name = {None: "FedAvg", "fedavgm": "FedAvgM", "fedadam": "FedAdam", "fedyogi": "FedYogi"}
+    return f"{name.get(server, server)}, " + (f"{steps} local steps" if steps else "1 local epoch")
 
 
 def modes(root: pathlib.Path) -> list[str]:
@@ -217,6 +225,10 @@ def main(argv=None) -> int:
     parser.add_argument("--cohort", type=int, default=10)
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--server_optimizer", default="fedavg",
+                        choices=["fedavg", "fedavgm", "fedadam", "fedyogi"])
+    parser.add_argument("--server_lr", type=float, default=0.0,
+                        help="server learning rate (0: the optimizer's default)")
     parser.add_argument("--local_steps", type=int, default=0,
                         help="client steps per round (0 = one local epoch)")
     parser.add_argument("--epochs", type=float, default=0.0,

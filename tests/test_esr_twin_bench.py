@@ -60,6 +60,16 @@ def test_commands_match_in_epochs_and_model():
     assert "/w/federated_steps20/seed3" in " ".join(cmds["federated_steps20"])
     assert "--config.eval_every_rounds=8" in cmds["federated_steps20"]
     assert cmds["centralized"][-1] == "--config.train.num_epochs=5"
+    assert "--config.fed.server_optimizer=fedavg" in cmds["federated_steps20"]
+    args.server_optimizer, args.server_lr = "fedadam", 0.01  # a server optimizer: its own mode
+    fed = bench.commands(args, 3)["federated_steps20_fedadam"]
+    assert "--config.fed.server_optimizer=fedadam" in fed
+    assert "--config.fed.server_learning_rate=0.01" in fed
+    assert "/w/federated_steps20_fedadam/seed3" in " ".join(fed)
+    assert [bench.label(m) for m in ("federated", "federated_steps20", "federated_fedavgm",
+                                     "federated_steps20_fedadam")] == [
+        "FedAvg, 1 local epoch", "FedAvg, 20 local steps", "FedAvgM, 1 local epoch",
+        "FedAdam, 20 local steps"]
 
 
 @pytest.mark.parametrize("arm", ["noatt", "full"])
@@ -85,6 +95,8 @@ def test_commands_parse_as_main_parses_them(arm):
         assert config.model.kwargs.cbam == (arm == "full"), mode
         assert (config.diversity.spatial_weight == 0) == (arm == "noatt"), mode
         assert fv.workdir == f"/w/{mode}/seed3"
+        if mode != "centralized":
+            assert config.fed.server_optimizer == "fedavg"
 
 
 def test_report_of_finished_runs(tmp_path):
