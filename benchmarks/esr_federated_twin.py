@@ -171,7 +171,9 @@ def plot(root: pathlib.Path, args, runs: dict, seeds: list[int], all_modes: list
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [2, 1]})
+    wide = max(1.0, 0.35 * len(all_modes))  # room for one tick label per mode
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(8 + 3 * wide, 4.6),
+                                 gridspec_kw={"width_ratios": [2, wide]})
     colours = {mode: f"C{i}" for i, mode in enumerate(all_modes)}
     names = {mode: label(mode) for mode in all_modes}
     for mode in all_modes:
@@ -188,7 +190,8 @@ def plot(root: pathlib.Path, args, runs: dict, seeds: list[int], all_modes: list
     ax.set_ylabel("PublicTest accuracy (validation)")
     ax.set_ylim(0, None)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0, -0.16),
+              ncol=3, frameon=False)
     for i, mode in enumerate(all_modes):
         vals = [v["accuracy"] for (m, _), v in runs.items() if m == mode]
         bx.scatter([i] * len(vals), vals, color=colours[mode], s=24, zorder=3)
@@ -197,7 +200,8 @@ def plot(root: pathlib.Path, args, runs: dict, seeds: list[int], all_modes: list
             bx.errorbar(i + 0.15, s["mean"], yerr=s["half_width"], fmt="o", color="black",
                         capsize=5, label="mean, 95% t-interval" if i == 0 else None)
     bx.axhline(CHANCE, color="black", linestyle=":", lw=1)
-    bx.set_xticks(range(len(all_modes)), [names[m].replace(", ", ",\n") for m in all_modes],
+    bx.set_xticks(range(len(all_modes)),
+                  [names[m].replace(", ", ",\n").replace(" local", "\nlocal") for m in all_modes],
                   fontsize=8)
     bx.set_xlim(-0.5, len(all_modes) - 0.4)
     bx.set_ylim(0, None)
@@ -205,7 +209,7 @@ def plot(root: pathlib.Path, args, runs: dict, seeds: list[int], all_modes: list
     bx.grid(axis="y", alpha=0.3)
     if bx.get_legend_handles_labels()[0]:
         bx.legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"ESR-{args.branches} ({ARM_TITLES[args.arm]}), FER+ 48x48: FedAvg over "
+    fig.suptitle(f"ESR-{args.branches} ({ARM_TITLES[args.arm]}), FER+ 48x48: federated over "
                  f"{args.clients} "
                  f"Dirichlet({args.alpha:g}) clients, {args.cohort} per round, vs centralized, "
                  f"{len(seeds)} seed{'s' * (len(seeds) > 1)}", fontsize=10)
