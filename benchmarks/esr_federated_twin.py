@@ -37,6 +37,7 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from fer_jax.federated.aggregate import SERVER_OPTIMIZERS  # noqa: E402
 from launch import sweep  # noqa: E402  (the t-interval the sweeps use)
 
 ARMS = {
@@ -65,7 +66,7 @@ def commands(args, seed: int) -> dict[str, list[str]]:
     main = [sys.executable, "-m", "fer_jax.main"]
     common = [*ARMS[args.arm], f"--config.seed={seed}"]
     root = pathlib.Path(args.workdir)
-    server = getattr(args, "server_optimizer", "fedavg")
+    server = args.server_optimizer
     fed = federated_mode(args.local_steps, server)
     every = max(1, args.rounds // 5)
     return {
@@ -76,7 +77,7 @@ def commands(args, seed: int) -> dict[str, list[str]]:
             f"--config.fed.dirichlet_alpha={args.alpha}", f"--config.fed.rounds={args.rounds}",
             f"--config.fed.local_steps={args.local_steps}",
             f"--config.fed.server_optimizer={server}",
-            f"--config.fed.server_learning_rate={getattr(args, 'server_lr', 0.0):g}",
+            f"--config.fed.server_learning_rate={args.server_lr:g}",
             "--config.fed.client_optimizer=adam", "--config.fed.client_learning_rate=1e-3",
             f"--config.eval_every_rounds={every}", f"--config.checkpoint_every_rounds={every}"],
         "centralized": main + [
@@ -107,27 +108,23 @@ def curve(workdir: pathlib.Path, mode: str) -> tuple[list[float], list[float]]:
     """(epochs of training data seen, PublicTest accuracy) of one run's metrics.jsonl."""
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
                if line.strip()]
-    config = json.loads((workdir / "config.json").read_text())
-    total = json.loads((workdir / "partition.json").read_text())["sizes"]["total"] \
-        if mode.startswith("federated") else None
-    xs, ys, seen = [], [], {}
-    federated = mode.startswith("federated")
-    if federated:  # cumulative examples trained by the end of each round
-        done = 0
+    xs, ys = [], []
+    if mode.startswith("federated"):  # x = cumulative examples trained by the end of the round
+        total = json.loads((workdir / "partition.json").read_text())["sizes"]["total"]
+        seen, done = {}, 0
         for r in records:
             if "round/examples" in r:
                 done += r["round/examples"]
                 seen[r["step"]] = done / total
+        epoch_of = lambda step: seen[step]  # noqa: E731
+    else:  # x = steps / steps per epoch
+        config = json.loads((workdir / "config.json").read_text())
+        steps = json.loads((workdir / "eval.json").read_text())["steps"]
+        epoch_of = lambda step: step * config["train"]["num_epochs"] / steps  # noqa: E731
     for r in records:
-        if "val/accuracy" not in r:
-            continue
-        if federated:
-            xs.append(seen[r["step"]])
-        else:
-            eval_json = json.loads((workdir / "eval.json").read_text())
-            steps_per_epoch = eval_json["steps"] / config["train"]["num_epochs"]
-            xs.append(r["step"] / steps_per_epoch)
-        ys.append(r["val/accuracy"])
+        if "val/accuracy" in r:
+            xs.append(epoch_of(r["step"]))
+            ys.append(r["val/accuracy"])
     return xs, ys
 
 
@@ -153,7 +150,7 @@ def report(args, seeds: list[int]) -> dict:
     content = {"arm": args.arm, "arm_flags": ARMS[args.arm],
                "protocol": {"clients": args.clients, "cohort": args.cohort, "alpha": args.alpha,
                             "branches": args.branches, "width": args.width,
-                            "federated_commands": {m: " ".join(c) for m, c in
+                            "commands": {m: " ".join(c) for m, c in
                                                    commands(args, seeds[0]).items()}},
                "seeds_finished": sorted({s for _, s in runs}),
                "runs": [{"mode": m, "seed": s, **v} for (m, s), v in sorted(runs.items())],
@@ -230,7 +227,7 @@ def main(argv=None) -> int:
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--server_optimizer", default="fedavg",
-                        choices=["fedavg", "fedavgm", "fedadam", "fedyogi"])
+                        choices=SERVER_OPTIMIZERS)
     parser.add_argument("--server_lr", type=float, default=0.0,
                         help="server learning rate (0: the optimizer's default)")
     parser.add_argument("--local_steps", type=int, default=0,

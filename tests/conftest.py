@@ -15,6 +15,22 @@ SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
+def load_script():
+    """load_script('benchmarks/x.py') -> that script imported as a fresh module (scripts are not
+    in a package)."""
+    import importlib.util
+
+    def load(relative: str):
+        path = pathlib.Path(__file__).resolve().parents[1] / relative
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def shared_data():
     """Path of ../shared/data (real FER data); skips the test when it is absent."""
     root = pathlib.Path(os.environ.get("FER_JAX_SHARED_DATA", SHARED_DATA))

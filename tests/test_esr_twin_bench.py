@@ -1,20 +1,15 @@
 """benchmarks/esr_federated_twin.py: its run commands and its report of finished runs, on
 hand-made run files."""
 
-import importlib.util
 import json
 import pathlib
 
 import pytest
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "esr_federated_twin.py"
 
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("esr_federated_twin", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def bench(load_script):
+    return load_script("benchmarks/esr_federated_twin.py")
 
 
 def _write(workdir, records, *, config, eval_json, partition=None):
@@ -42,11 +37,10 @@ def _fake(root, seed, fed_acc, cen_acc, fed_mode="federated"):
            config={"train": {"num_epochs": 2}}, eval_json={"steps": 20, **test(cen_acc)})
 
 
-def test_commands_match_in_epochs_and_model():
-    bench = _bench()
+def test_commands_match_in_epochs_and_model(bench):
     args = bench.argparse.Namespace(workdir="/w", arm="noatt", branches=4, width=0.25,
                                     clients=20, cohort=10, alpha=0.5, rounds=10)
-    args.local_steps, args.epochs = 0, 0.0
+    args.local_steps, args.epochs, args.server_optimizer, args.server_lr = 0, 0.0, "fedavg", 0.0
     cmds = bench.commands(args, 3)
     fed, cen = " ".join(cmds["federated"]), " ".join(cmds["centralized"])
     assert "mode=federated" in fed and "--config.fed.rounds=10" in fed
@@ -73,15 +67,14 @@ def test_commands_match_in_epochs_and_model():
 
 
 @pytest.mark.parametrize("arm", ["noatt", "full"])
-def test_commands_parse_as_main_parses_them(arm):
+def test_commands_parse_as_main_parses_them(bench, arm):
     """absl rejects a --config.x override before --config: each command must parse."""
     from absl import flags
     from ml_collections import config_flags
 
-    bench = _bench()
     args = bench.argparse.Namespace(workdir="/w", arm=arm, branches=4, width=0.25,
                                     clients=20, cohort=10, alpha=0.5, rounds=10)
-    args.local_steps, args.epochs = 0, 0.0
+    args.local_steps, args.epochs, args.server_optimizer, args.server_lr = 0, 0.0, "fedavg", 0.0
     root = pathlib.Path(__file__).resolve().parents[1]
     for mode, argv in bench.commands(args, 3).items():
         assert argv[1:3] == ["-m", "fer_jax.main"]
@@ -99,8 +92,7 @@ def test_commands_parse_as_main_parses_them(arm):
             assert config.fed.server_optimizer == "fedavg"
 
 
-def test_report_of_finished_runs(tmp_path):
-    bench = _bench()
+def test_report_of_finished_runs(bench, tmp_path):
     _fake(tmp_path, 0, 0.40, 0.60)
     _fake(tmp_path, 1, 0.44, 0.62)
     _fake(tmp_path / "steps", 0, 0.50, 0.60, fed_mode="federated_steps20")

@@ -1,26 +1,20 @@
 """benchmarks/step_threads.py: its child processes time real steps and the report adds up."""
 
-import importlib.util
 import json
 import os
-import pathlib
 
 import pytest
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "step_threads.py"
 
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("step_threads", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def bench(load_script):
+    return load_script("benchmarks/step_threads.py")
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs sched_setaffinity")
-def test_small_run_writes_consistent_figures(tmp_path):
+def test_small_run_writes_consistent_figures(bench, tmp_path):
     out = tmp_path / "t.json"
-    assert _bench().main(["--batches", "8", "--examples", "400", "--repeats", "1",
+    assert bench.main(["--batches", "8", "--examples", "400", "--repeats", "1",
                           "--out", str(out)]) == 0
     content = json.loads(out.read_text())
     runs = content["runs"]

@@ -1,19 +1,13 @@
 """benchmarks/vfer_personalization.py's summary of finished VFER runs, on hand-made run files."""
 
-import importlib.util
 import json
-import pathlib
 
 import pytest
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "vfer_personalization.py"
 
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("vfer_personalization", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def bench(load_script):
+    return load_script("benchmarks/vfer_personalization.py")
 
 
 def _report(macro, micro, n=4):
@@ -43,8 +37,7 @@ def _fake_run(root, seed, subjects, curve, central):
     return workdir
 
 
-def test_summary_pools_seeds_and_counts_only_adapted_subjects(tmp_path):
-    bench = _bench()
+def test_summary_pools_seeds_and_counts_only_adapted_subjects(bench, tmp_path):
     c0 = [{"threshold": 0.0, "videos_selected": 10, "videos": 10, "accuracy": 0.5},
           {"threshold": 0.5, "videos_selected": 4, "videos": 10, "accuracy": 0.75}]
     c1 = [{"threshold": 0.0, "videos_selected": 6, "videos": 6, "accuracy": 1 / 3},
@@ -68,6 +61,6 @@ def test_summary_pools_seeds_and_counts_only_adapted_subjects(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 0
 
 
-def test_an_unfinished_run_is_named(tmp_path):
+def test_an_unfinished_run_is_named(bench, tmp_path):
     with pytest.raises(FileNotFoundError, match="eval.json"):
-        _bench().summarize_run(tmp_path)
+        bench.summarize_run(tmp_path)
