@@ -104,20 +104,29 @@ def build_engine(*, weighting="num_examples", server="fedavg", prox_mu=0.0, clie
 
 
 @pytest.mark.parametrize("weighting", ["num_examples", "uniform"])
-@pytest.mark.parametrize("server", ["fedavg", "fedavgm"])
+@pytest.mark.parametrize("server", ["fedavg", "fedavgm", "fedadam"])
 def test_round_matches_numpy_fedavg(weighting, server):
     clients, population = make_population()
     engine, variables = build_engine(weighting=weighting, server=server)
     ref = to_np(variables)
     momentum = {k: np.zeros_like(v) for k, v in ref.items()}
+    second = {k: np.zeros_like(v) for k, v in ref.items()}
     state = engine.init(variables)
     key = jax.random.PRNGKey(1)
-    for cohort in ([0, 1, 2, 3, 4], [6, 3, 5, 1]):
+    for t, cohort in enumerate(([0, 1, 2, 3, 4], [6, 3, 5, 1]), start=1):
         plan = engine.plan(population, cohort)
         state, result = engine.run_round(state, population, plan, key)
         mean_delta = np_round(ref, clients, cohort, weighting=weighting)
-        for k in ref:  # server SGD on -mean_delta with lr 1 (and momentum 0.5 for FedAvgM)
-            momentum[k] = (0.5 * momentum[k] if server == "fedavgm" else 0) - mean_delta[k]
+        for k in ref:
+            g = -mean_delta[k]  # the pseudo-gradient
+            if server == "fedadam":  # Adam(lr 1, b1 0.9, b2 0.99, eps 1e-3), bias-corrected
+                momentum[k] = 0.9 * momentum[k] + 0.1 * g
+                second[k] = 0.99 * second[k] + 0.01 * g * g
+                m_hat, v_hat = momentum[k] / (1 - 0.9 ** t), second[k] / (1 - 0.99 ** t)
+                ref[k] = ref[k] - m_hat / (np.sqrt(v_hat) + 1e-3)
+                continue
+            # Server SGD with lr 1 (and momentum 0.5 for FedAvgM).
+            momentum[k] = (0.5 * momentum[k] if server == "fedavgm" else 0) + g
             ref[k] = ref[k] - momentum[k]
         got = to_np(state.variables)
         for k in ref:
