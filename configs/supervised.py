@@ -27,9 +27,11 @@ _MODEL_KWARGS = {
     # norm: batch | group | none (group: FedAffect's encoder, to pre-train it here)
     "small_cnn": dict(widths=(24, 48, 96, 192), convs_per_stage=(1, 2, 2, 1), dense=256,
                       dropout=0.4, norm="batch"),
-    "resnet18": dict(stem="small"),
-    "resnet50": dict(stem="small"),
-    "resnet50v2": dict(stem="small"),
+    # width: channels of the stem and first stage (64 in the papers; 16 for the occlusion
+    # method's CPU-sized backbone, WORKSPACE.md#fer-pretrained).
+    "resnet18": dict(stem="small", width=64),
+    "resnet50": dict(stem="small", width=64),
+    "resnet50v2": dict(stem="small", width=64),
     # BatchNorm momentum 0.9 like the other models here, not Keras' 0.999: at 0.999 a 5-epoch
     # FER-2013 run (2,220 steps) evaluated on running statistics still weighted towards early
     # training's and scored below the majority class (18% PublicTest after epoch 2 while its
