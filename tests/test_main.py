@@ -66,6 +66,35 @@ def test_cpu_devices_splits_the_host_for_the_clients_axis(tmp_path):
     assert (tmp_path / "run" / "eval.json").is_file()
 
 
+@pytest.mark.parametrize("flag,mode,fed,distributed,expected", [
+    (None, "federated", {"cohort_size": 10}, False, 2),   # one device per core
+    (None, "federated", {"cohort_size": 1}, False, 1),    # never more than the cohort
+    (None, "federated", None, False, 2),                  # FedAffect / VFER: no config.fed
+    (None, "centralized", {"cohort_size": 10}, False, 1),
+    (None, None, None, False, 1),                         # prepare, evaluate
+    (None, "federated", {"cohort_size": 10}, True, 1),    # multi-process: left alone
+    (0, "federated", {"cohort_size": 10}, False, 0),      # explicit: as given
+    (3, "centralized", None, False, 3),
+])
+def test_host_cpu_split_by_default_only_for_federated_runs(monkeypatch, flag, mode, fed,
+                                                           distributed, expected):
+    import types
+
+    import ml_collections
+
+    from fer_jax import main
+
+    monkeypatch.setattr(main, "_CPU_DEVICES", types.SimpleNamespace(value=flag))
+    monkeypatch.setattr(main, "_DISTRIBUTED", types.SimpleNamespace(value=distributed))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # a 2-core machine
+    config = ml_collections.ConfigDict({"mode": mode} if mode else {})
+    if fed is not None:
+        config.fed = fed
+    n, why = main._cpu_devices(config)
+    assert n == expected
+    assert ("automatic" in why) == (flag is None)
+
+
 def test_missing_data_dir_is_a_clear_error(tmp_path):
     result = _main(tmp_path / "run", "--config=configs/supervised.py:data=fer2013",
                    f"--config.data.manual_dir={tmp_path / 'nowhere'}")
