@@ -191,10 +191,10 @@ def get_config(arg=None):
         rep.batch_size, rep.local_epochs = 40, 2
         fa.queries = 16
         few.episodes_per_round = 8
-        # 30 rounds: 6 min 17 s on 2 cores, 1-shot 0.389 +- 0.008 (docs/results.md#engine-auto-
-        # layout-2026-12-03; 40 rounds, before the automatic layout: 11 min 36 s, 0.414;
-        # docs/results.md#fedaffect-defaults-synthetic).
-        fed.rounds = 30
+        # fed.rounds stays 40: with one device per core (fer_jax.main's default for federated
+        # runs) 40 rounds give 1-shot 0.433 +- 0.010 in 8 min 51 s on a 2-core machine shared
+        # with another training run (30 rounds: 0.389 +- 0.008 in 3 min 09 s quiet;
+        # docs/results.md#fedaffect-default-40-rounds).
     if arg.data == "ckplus48":
         # CK+ subjects hold ~8 images: every image is labeled and also used unlabeled (as the
         # paper uses FERG's images for both learners).
