@@ -66,31 +66,32 @@ def test_cpu_devices_splits_the_host_for_the_clients_axis(tmp_path):
     assert (tmp_path / "run" / "eval.json").is_file()
 
 
-@pytest.mark.parametrize("flag,mode,fed,distributed,expected", [
-    (None, "federated", {"cohort_size": 10}, False, 2),   # one device per core
-    (None, "federated", {"cohort_size": 1}, False, 1),    # never more than the cohort
-    (None, "federated", None, False, 2),                  # FedAffect / VFER: no config.fed
-    (None, "centralized", {"cohort_size": 10}, False, 1),
-    (None, None, None, False, 1),                         # prepare, evaluate
-    (None, "federated", {"cohort_size": 10}, True, 1),    # multi-process: left alone
-    (0, "federated", {"cohort_size": 10}, False, 0),      # explicit: as given
-    (3, "centralized", None, False, 3),
+@pytest.mark.parametrize("flag,name,mode,fed,distributed,expected", [
+    (None, "supervised", "federated", {"cohort_size": 10}, False, 2),  # one device per core
+    (None, "supervised", "federated", {"cohort_size": 1}, False, 1),   # at most the cohort
+    (None, "fedaffect", "federated", None, False, 2),                  # no config.fed
+    (None, "vfer", "federated", None, False, 1),         # measured slower on a split host
+    (None, "supervised", "centralized", {"cohort_size": 10}, False, 1),
+    (None, "prepare", None, None, False, 1),
+    (None, "supervised", "federated", {"cohort_size": 10}, True, 1),   # multi-process
+    (0, "supervised", "federated", {"cohort_size": 10}, False, 0),     # explicit: as given
+    (3, "vfer", "centralized", None, False, 3),
 ])
-def test_host_cpu_split_by_default_only_for_federated_runs(monkeypatch, flag, mode, fed,
-                                                           distributed, expected):
+def test_host_cpu_split_by_default_only_for_measured_federated_runs(
+        monkeypatch, flag, name, mode, fed, distributed, expected):
     import types
 
     import ml_collections
 
-    from fer_jax import main
+    from fer_jax import experiments, main
 
     monkeypatch.setattr(main, "_CPU_DEVICES", types.SimpleNamespace(value=flag))
     monkeypatch.setattr(main, "_DISTRIBUTED", types.SimpleNamespace(value=distributed))
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # a 2-core machine
-    config = ml_collections.ConfigDict({"mode": mode} if mode else {})
+    config = ml_collections.ConfigDict({"experiment": name, **({"mode": mode} if mode else {})})
     if fed is not None:
         config.fed = fed
-    n, why = main._cpu_devices(config)
+    n, why = main._cpu_devices(config, experiments.get(name))
     assert n == expected
     assert ("automatic" in why) == (flag is None)
 

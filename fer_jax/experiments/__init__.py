@@ -3,6 +3,9 @@
   validate_config(config) -> None   raises ValueError naming the bad field, before any work
   run(config, workdir) -> dict      trains / evaluates, writes everything into workdir
 
+and may set SPLIT_HOST_WHEN_FEDERATED = True: `fer_jax.main` then runs its federated mode on one
+CPU device per core (measured faster for that experiment; the others keep one CPU device).
+
 `get(name)` imports only the requested module, so a run never pays for the others' imports.
 """
 

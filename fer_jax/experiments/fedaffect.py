@@ -58,6 +58,11 @@ from fer_jax.steps import fedaffect as steps
 from fer_jax.steps.supervised import preprocess
 from fer_jax.train import Run, checks, loops
 
+# fer_jax.main runs mode=federated on one CPU device per core: the default command trained
+# 1.30x faster on 2 host devices at the same accuracy
+# (docs/results.md#engine-mlp-two-host-devices).
+SPLIT_HOST_WHEN_FEDERATED = True
+
 REPRESENTATIONS = ("simclr", "none")
 ENCODER_SHARING = ("handoff", "shared")
 UNLABELED = ("rest", "all")
