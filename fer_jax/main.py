@@ -161,7 +161,8 @@ def main(argv) -> None:
         os.environ[checkpoint.RESTORE_STEP_ENV] = str(_RESTORE_STEP.value)
     import jax
 
-    cpu_devices, why = _cpu_devices(config, experiment)
+    cpu_devices, why = experiments.host_cpu_devices(
+        config, requested=_CPU_DEVICES.value, distributed=_DISTRIBUTED.value)
     if cpu_devices > 1:
         jax.config.update("jax_num_cpu_devices", cpu_devices)
     if _DISTRIBUTED.value:
@@ -194,28 +195,6 @@ def main(argv) -> None:
         holder.release()
         if created and workdir.is_dir() and not any(workdir.iterdir()):
             workdir.rmdir()  # The run failed before writing anything: leave no empty workdir.
-
-
-def _cpu_devices(config, experiment) -> tuple[int, str]:
-    """How many JAX devices to split the host CPU into, and why (for the log).
-
-    --cpu_devices when given; else, for a single-process federated run of an experiment that
-    sets SPLIT_HOST_WHEN_FEDERATED, one per core (the cores this process may use) capped at the
-    cohort (a device beyond it would only run padding); else 1. Measured on 2 cores: FedAvg
-    (MLP, 100 clients) 1.51x the plain loop on 2 devices vs 1.05x on one, FedAffect's default
-    1.30x faster; VFER's default (mostly centralized training, a head-only FedAvg of a few
-    subjects) 0.9x, so it keeps one device, as do centralized runs.
-    """
-    if _CPU_DEVICES.value is not None:
-        return _CPU_DEVICES.value, f"--cpu_devices={_CPU_DEVICES.value}"
-    if (config.get("mode") != "federated" or _DISTRIBUTED.value
-            or not getattr(experiment, "SPLIT_HOST_WHEN_FEDERATED", False)):
-        return 1, ("none (automatic: only single-process federated runs of "
-                   f"{config.get('experiment')!r} with SPLIT_HOST_WHEN_FEDERATED are split)")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cohort = config.get("fed", {}).get("cohort_size", 0) or cores
-    n = max(1, min(cores or 1, cohort))
-    return n, f"{n} (automatic: federated run, {cores} cores, cohort {cohort})"
 
 
 def run() -> None:

@@ -78,22 +78,26 @@ def test_cpu_devices_splits_the_host_for_the_clients_axis(tmp_path):
     (3, "vfer", "centralized", None, False, 3),
 ])
 def test_host_cpu_split_by_default_only_for_measured_federated_runs(
-        monkeypatch, flag, name, mode, fed, distributed, expected):
-    import types
-
+        flag, name, mode, fed, distributed, expected):
     import ml_collections
 
-    from fer_jax import experiments, main
+    from fer_jax import experiments
 
-    monkeypatch.setattr(main, "_CPU_DEVICES", types.SimpleNamespace(value=flag))
-    monkeypatch.setattr(main, "_DISTRIBUTED", types.SimpleNamespace(value=distributed))
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # a 2-core machine
     config = ml_collections.ConfigDict({"experiment": name, **({"mode": mode} if mode else {})})
     if fed is not None:
         config.fed = fed
-    n, why = main._cpu_devices(config, experiments.get(name))
+    n, why = experiments.host_cpu_devices(config, requested=flag, distributed=distributed,
+                                          cores=2)
     assert n == expected
     assert ("automatic" in why) == (flag is None)
+
+
+def test_split_host_lists_the_experiments_that_opt_in():
+    from fer_jax import experiments
+
+    assert experiments.SPLIT_HOST == tuple(
+        n for n in experiments.EXPERIMENTS
+        if getattr(experiments.get(n), "SPLIT_HOST_WHEN_FEDERATED", False))
 
 
 def test_missing_data_dir_is_a_clear_error(tmp_path):
