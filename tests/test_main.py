@@ -86,10 +86,15 @@ def test_host_cpu_split_by_default_only_for_measured_federated_runs(
     config = ml_collections.ConfigDict({"experiment": name, **({"mode": mode} if mode else {})})
     if fed is not None:
         config.fed = fed
+    if name == "fedaffect":
+        config.repr = {"cohort_size": 3}
+        config.fewshot = {"cohort_size": 5}
     n, why = experiments.host_cpu_devices(config, requested=flag, distributed=distributed,
                                           cores=2)
     assert n == expected
     assert ("automatic" in why) == (flag is None)
+    if name == "fedaffect" and flag is None:  # its cohort: the larger of its two engines'
+        assert experiments.host_cpu_devices(config, cores=16)[0] == 5
 
 
 def test_split_host_lists_the_experiments_that_opt_in():

@@ -4,7 +4,8 @@
   run(config, workdir) -> dict      trains / evaluates, writes everything into workdir
 
 and may set SPLIT_HOST_WHEN_FEDERATED = True: `fer_jax.main` then runs its federated mode on one
-CPU device per core (measured faster for that experiment; the others keep one CPU device).
+CPU device per core (measured faster for that experiment; the others keep one CPU device), at
+most `max_cohort(config)` devices if it defines one, else config.fed.cohort_size.
 
 `get(name)` imports only the requested module, so a run never pays for the others' imports.
 """
@@ -40,14 +41,19 @@ def host_cpu_devices(config, *, requested: int | None = None, distributed: bool 
     """
     if requested is not None:
         return requested, f"--cpu_devices={requested}"
-    name = config.get("experiment", "")
-    if (config.get("mode") != "federated" or distributed
-            or not getattr(get(name), "SPLIT_HOST_WHEN_FEDERATED", False)):
+    if config.get("mode") != "federated" or distributed:
+        return 1, (f"none (automatic: only single-process federated runs of {SPLIT_HOST} are "
+                   "split)")
+    module = get(config.get("experiment", ""))
+    if not getattr(module, "SPLIT_HOST_WHEN_FEDERATED", False):
         return 1, (f"none (automatic: only single-process federated runs of {SPLIT_HOST} are "
                    "split)")
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
             os.cpu_count() or 1)
-    cohort = config.get("fed", {}).get("cohort_size", 0) or cores
-    n = max(1, min(cores, cohort))
-    return n, f"{n} (automatic: federated run, {cores} cores, cohort {cohort})"
+    # The largest cohort of the run: the experiment's max_cohort(config) if it has several
+    # engines (FedAffect), else config.fed.cohort_size.
+    cohort = (module.max_cohort(config) if hasattr(module, "max_cohort")
+              else config.get("fed", {}).get("cohort_size"))
+    n = max(1, min(cores, cohort or cores))
+    return n, f"{n} (automatic: federated run, {cores} cores, cohort {cohort or 'unknown'})"

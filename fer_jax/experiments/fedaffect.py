@@ -63,6 +63,13 @@ from fer_jax.train import Run, checks, loops
 # (docs/results.md#engine-mlp-two-host-devices).
 SPLIT_HOST_WHEN_FEDERATED = True
 
+
+def max_cohort(config) -> int:
+    """The most clients one round computes (fer_jax.main splits the host into at most this many
+    devices): the larger of the SimCLR and few-shot cohorts."""
+    return max(config.repr.cohort_size, config.fewshot.cohort_size)
+
+
 REPRESENTATIONS = ("simclr", "none")
 ENCODER_SHARING = ("handoff", "shared")
 UNLABELED = ("rest", "all")
