@@ -192,8 +192,8 @@ def get_config(arg=None):
         fa.queries = 16
         few.episodes_per_round = 8
         # fed.rounds stays 40: with one device per core (fer_jax.main's default for federated
-        # runs) 40 rounds give 1-shot 0.433 +- 0.010 in 8 min 51 s on a 2-core machine shared
-        # with another training run (30 rounds: 0.389 +- 0.008 in 3 min 09 s quiet;
+        # runs) 40 rounds give 1-shot 0.433 +- 0.010 / 0.429 +- 0.010 (seeds 0 / 1) in 5.5 min
+        # on 2 quiet cores, 9 min beside another training run (30 rounds: 0.389 +- 0.008;
         # docs/results.md#fedaffect-default-40-rounds).
     if arg.data == "ckplus48":
         # CK+ subjects hold ~8 images: every image is labeled and also used unlabeled (as the
