@@ -213,17 +213,41 @@ def lookup(results: dict, key: str, *, source) -> float:
 
 
 def collect(runs: list[Run], metrics: list[str]) -> list[dict]:
-    """One record per run: arm, seed, fold, workdir and its metrics (None when not finished)."""
-    records = []
+    """One record per run: arm, seed, fold, workdir and its metrics (None when not finished).
+
+    A metric that some finished runs report and others lack (the occlusion ablation's mask IoU
+    exists only for the arms with an attention branch) is None for those runs and left out of
+    their arm's statistics; a metric no finished run reports is an error (a misspelt key)."""
+    loaded = []
     for run in runs:
-        values = None
+        results = None
         if run.done:
             path = run.workdir / EVAL_FILE
             try:
                 results = json.loads(path.read_text())
             except json.JSONDecodeError as e:
                 raise SystemExit(f"{path}: not valid JSON ({e})") from None
-            values = {m: lookup(results, m, source=path) for m in metrics}
+        loaded.append((run, results))
+    finished = [(run.workdir / EVAL_FILE, r) for run, r in loaded if r is not None]
+
+    def value(results, metric, path):
+        try:
+            return lookup(results, metric, source=path)
+        except SystemExit as missing:
+            if "no metric" not in str(missing):
+                raise  # present but not a number: always an error
+            for other_path, other in finished:
+                try:
+                    lookup(other, metric, source=other_path)
+                except SystemExit:
+                    continue
+                return None  # another run has it: missing here only
+            raise
+
+    records = []
+    for run, results in loaded:
+        values = None if results is None else {
+            m: value(results, m, run.workdir / EVAL_FILE) for m in metrics}
         records.append({"arm": run.arm, "seed": run.seed, "fold": run.fold,
                         "workdir": str(run.workdir), "metrics": values})
     return records
@@ -232,7 +256,8 @@ def collect(runs: list[Run], metrics: list[str]) -> list[dict]:
 def summary_by_arm(records: list[dict], metrics: list[str]) -> dict:
     arms = list(dict.fromkeys(r["arm"] for r in records))
     return {arm: {m: summarize([r["metrics"][m] for r in records
-                                if r["arm"] == arm and r["metrics"] is not None])
+                                if r["arm"] == arm and r["metrics"] is not None
+                                and r["metrics"][m] is not None])
                   for m in metrics} for arm in arms}
 
 
@@ -247,7 +272,7 @@ def markdown(config_spec: str, records: list[dict], summary: dict, metrics: list
              "Student-t interval of the mean, mean +- t(0.975, n - 1) std / sqrt(n).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm, per_metric in summary.items():
-        cells = [arm, str(per_metric[metrics[0]]["n"])]
+        cells = [arm, str(max(per_metric[m]["n"] for m in metrics))]
         for m in metrics:
             s = per_metric[m]
             ci = "n/a" if s["ci95"] is None else f"[{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}]"
@@ -284,7 +309,8 @@ def plot(path, config_spec: str, records: list[dict], summary: dict, metrics: li
     fig, axes = plt.subplots(1, len(metrics), figsize=(width * len(metrics), 4.2), squeeze=False)
     for ax, m in zip(axes[0], metrics, strict=True):
         for i, arm in enumerate(arms):
-            vals = [r["metrics"][m] for r in records if r["arm"] == arm and r["metrics"]]
+            vals = [r["metrics"][m] for r in records if r["arm"] == arm and r["metrics"]
+                    and r["metrics"][m] is not None]
             # Runs in a strip left of the arm's mean, so the mean marker hides none of them.
             offsets = [-0.22] if len(vals) == 1 else [
                 -0.32 + 0.2 * k / (len(vals) - 1) for k in range(len(vals))]

@@ -221,6 +221,29 @@ def test_report_errors_name_the_file(tmp_path):
     assert math.isclose(sweep.summarize([1, 2, 3, 4])["std"], math.sqrt(5 / 3))
 
 
+def test_metric_some_arms_lack_is_na_there(tmp_path):
+    """The occlusion ablation's mask IoU exists only for arms with an attention branch: those
+    runs are n/a for it and out of its statistics; the other metrics are unaffected."""
+    root = tmp_path / "root"
+    _fake_runs(root)
+    for seed, iou in enumerate([0.1, 0.2, 0.3]):
+        path = root / "wide" / f"seed{seed}" / "eval.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "mask_iou": {"R8": iou}}))
+    runs = sweep.expand([("base", {}), ("wide", {})], root, seeds=[0, 1, 2])
+    content = sweep.report(root, "c", runs, ["test.accuracy", "mask_iou.R8"])
+    base = [r for r in content["runs"] if r["arm"] == "base"]
+    assert all(r["metrics"]["mask_iou.R8"] is None for r in base)
+    assert [r["metrics"]["test.accuracy"] for r in base] == ACCURACY["base"]
+    assert content["summary"]["base"]["mask_iou.R8"]["n"] == 0
+    assert content["summary"]["wide"]["mask_iou.R8"]["mean"] == pytest.approx(0.2)
+    md = (root / "sweep.md").read_text()
+    assert "| base | 3 | 0.6000 | 0.1000 | [0.3516, 0.8484] | n/a | n/a | n/a |" in md
+    assert (root / "sweep.png").is_file()
+    # A metric no run reports is still an error (a misspelt key), naming a run's file.
+    with pytest.raises(SystemExit, match="no metric 'mask_iou.R9'"):
+        sweep.report(root, "c", runs, ["mask_iou.R9"])
+
+
 def test_combine_merges_sweeps_run_apart(tmp_path):
     root = tmp_path / "root"
     _fake_runs(root)
