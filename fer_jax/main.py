@@ -33,11 +33,11 @@ _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", None,
     "Split the host CPU into this many JAX devices (jax_num_cpu_devices) before the backend "
     "starts, so the 'clients' mesh axis runs one client per device. Unset (automatic): a "
-    "federated run (config.mode='federated') of supervised / fedavg or fedaffect gets one "
-    "device per core, at most its cohort size; every other run keeps JAX's one CPU device "
-    "(on 2 cores: FedAvg MLP 1.51x vs 1.05x the plain loop, FedAffect's default 1.30x, VFER "
-    "0.9x; WORKSPACE.md#engine-knobs). 0 or 1: one CPU device. Leaves GPU/TPU devices alone "
-    "(it only adds CPU devices).")
+    "federated run (config.mode='federated') of an experiment measured faster that way "
+    "(supervised / fedavg, fedaffect) gets one device per core, at most its cohort size; every "
+    "other run keeps JAX's one CPU device (fer_jax.experiments.host_cpu_devices, "
+    "WORKSPACE.md#engine-knobs). 0 or 1: one CPU device. Leaves GPU/TPU devices alone (it only "
+    "adds CPU devices).")
 _RESTORE_STEP = flags.DEFINE_integer(
     "restore_step", None,
     "Resume from this checkpoint step instead of the latest intact one; newer checkpoints are "

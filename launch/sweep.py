@@ -212,6 +212,16 @@ def lookup(results: dict, key: str, *, source) -> float:
     return float(node)
 
 
+def _has(results: dict, key: str) -> bool:
+    """Whether results['a']['b'] exists for key 'a.b'."""
+    node = results
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
 def collect(runs: list[Run], metrics: list[str]) -> list[dict]:
     """One record per run: arm, seed, fold, workdir and its metrics (None when not finished).
 
@@ -228,26 +238,12 @@ def collect(runs: list[Run], metrics: list[str]) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise SystemExit(f"{path}: not valid JSON ({e})") from None
         loaded.append((run, results))
-    finished = [(run.workdir / EVAL_FILE, r) for run, r in loaded if r is not None]
-
-    def value(results, metric, path):
-        try:
-            return lookup(results, metric, source=path)
-        except SystemExit as missing:
-            if "no metric" not in str(missing):
-                raise  # present but not a number: always an error
-            for other_path, other in finished:
-                try:
-                    lookup(other, metric, source=other_path)
-                except SystemExit:
-                    continue
-                return None  # another run has it: missing here only
-            raise
-
+    reported = {m for m in metrics if any(r is not None and _has(r, m) for _, r in loaded)}
     records = []
     for run, results in loaded:
         values = None if results is None else {
-            m: value(results, m, run.workdir / EVAL_FILE) for m in metrics}
+            m: lookup(results, m, source=run.workdir / EVAL_FILE)
+            if m not in reported or _has(results, m) else None for m in metrics}
         records.append({"arm": run.arm, "seed": run.seed, "fold": run.fold,
                         "workdir": str(run.workdir), "metrics": values})
     return records

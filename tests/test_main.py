@@ -97,14 +97,6 @@ def test_host_cpu_split_by_default_only_for_measured_federated_runs(
         assert experiments.host_cpu_devices(config, cores=16)[0] == 5
 
 
-def test_split_host_lists_the_experiments_that_opt_in():
-    from fer_jax import experiments
-
-    assert experiments.SPLIT_HOST == tuple(
-        n for n in experiments.EXPERIMENTS
-        if getattr(experiments.get(n), "SPLIT_HOST_WHEN_FEDERATED", False))
-
-
 def test_missing_data_dir_is_a_clear_error(tmp_path):
     result = _main(tmp_path / "run", "--config=configs/supervised.py:data=fer2013",
                    f"--config.data.manual_dir={tmp_path / 'nowhere'}")

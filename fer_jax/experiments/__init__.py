@@ -17,7 +17,6 @@ import os
 
 EXPERIMENTS = ("supervised", "prepare", "evaluate", "fedaffect", "diversity", "occlusion",
                "vfer")
-SPLIT_HOST = ("supervised", "fedaffect")  # the experiments with SPLIT_HOST_WHEN_FEDERATED
 
 
 def get(name: str):
@@ -41,13 +40,12 @@ def host_cpu_devices(config, *, requested: int | None = None, distributed: bool 
     """
     if requested is not None:
         return requested, f"--cpu_devices={requested}"
+    name = config.get("experiment", "")
     if config.get("mode") != "federated" or distributed:
-        return 1, (f"none (automatic: only single-process federated runs of {SPLIT_HOST} are "
-                   "split)")
-    module = get(config.get("experiment", ""))
+        return 1, "none (automatic: not a single-process federated run)"
+    module = get(name)
     if not getattr(module, "SPLIT_HOST_WHEN_FEDERATED", False):
-        return 1, (f"none (automatic: only single-process federated runs of {SPLIT_HOST} are "
-                   "split)")
+        return 1, f"none (automatic: {name!r} does not set SPLIT_HOST_WHEN_FEDERATED)"
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
             os.cpu_count() or 1)
