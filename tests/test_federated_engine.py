@@ -79,6 +79,26 @@ def test_no_recompilation_across_rounds():
     assert [[f for f in names if f in round_fns] for names in per_round[1:]] == [[]] * 4
 
 
+def test_partial_chunks_of_buckets_share_chunks():
+    """Batch 4, SIZES -> steps [2, 0, 5, 9, 1, 3, 3], a bucket per step count, 2 clients per
+    call: bucket 3 fills a chunk (clients 5, 6); the other buckets' single clients pair up in
+    ascending steps, (4, 0) at 2 steps and (2, 3) at 9, instead of four chunks each half
+    padding (1 + 2 + 5 + 9 = 17 chunk-steps -> 11). The round equals one client per call."""
+    _, population = make_population()
+    every = tuple(range(1, 10))
+    engine, variables = build_engine(clients_per_call=2, step_buckets=every)
+    plan = engine.plan(population, list(range(7)))
+    got = sorted((tuple(c.client_ids.tolist()), c.steps) for c in plan.chunks)
+    assert got == [((2, 3), 9), ((4, 0), 2), ((5, 6), 3)]
+    assert sum(c.steps for c in plan.chunks) == 14
+    single, _ = build_engine(clients_per_call=1, step_buckets=every)
+    cohorts = [list(range(7)), [6, 3, 0]]
+    paired, _ = run(engine, variables, population, cohorts)
+    alone, _ = run(single, variables, population, cohorts)
+    for k, v in to_np(alone.variables).items():
+        np.testing.assert_allclose(to_np(paired.variables)[k], v, atol=1e-6, rtol=1e-5)
+
+
 def test_bad_inputs_raise_clear_errors():
     _, population = make_population()
     engine, _ = build_engine()
