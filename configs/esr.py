@@ -147,9 +147,9 @@ def get_sweep(arg=None):
     """The Table 1 ablation arms (docs/results.md#esr-ablation)."""
     del arg
     return [
-        {"model.kwargs.cbam": False, "diversity.spatial_weight": 0.0,
+        {"name": "no_attention", "model.kwargs.cbam": False, "diversity.spatial_weight": 0.0,
          "diversity.channel_weight": 0.0},
-        {"diversity.spatial_weight": 0.0, "diversity.channel_weight": 0.0},
-        {"diversity.channel_weight": 0.0},
-        {},
+        {"name": "cbam", "diversity.spatial_weight": 0.0, "diversity.channel_weight": 0.0},
+        {"name": "cbam+dsp", "diversity.channel_weight": 0.0},
+        {"name": "cbam+dsp+dch"},
     ]

@@ -247,8 +247,9 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
-    """The encoder ablation: SimCLR encoder vs random encoder vs centralized, 3 seeds."""
+    """The encoder ablation: SimCLR encoder vs random encoder vs centralized (seeds and folds
+    from launch/sweep.py's --seeds / --folds)."""
     del arg
-    return [{"mode": m, "fedaffect.representation": r, "seed": s}
-            for m, r in (("federated", "simclr"), ("federated", "none"),
-                         ("centralized", "simclr")) for s in (0, 1, 2)]
+    return [{"name": "simclr", "mode": "federated", "fedaffect.representation": "simclr"},
+            {"name": "random", "mode": "federated", "fedaffect.representation": "none"},
+            {"name": "centralized", "mode": "centralized", "fedaffect.representation": "simclr"}]

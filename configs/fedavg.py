@@ -75,5 +75,5 @@ def get_config(arg=None):
 def get_sweep(arg=None):
     """Server optimizers x cohort sizes."""
     del arg
-    return [{"fed.server_optimizer": opt, "fed.cohort_size": c}
+    return [{"name": f"{opt}_cohort{c}", "fed.server_optimizer": opt, "fed.cohort_size": c}
             for opt in ("fedavg", "fedavgm", "fedadam") for c in (10, 50)]

@@ -122,5 +122,5 @@ def get_config(arg=None):
 def get_sweep(arg=None):
     """The four-model ablation of the paper (Sec. 4.3), one arm per run."""
     del arg
-    return [{"occlusion.attention": att, "occlusion.adversarial": adv}
-            for att, adv in VARIANTS.values()]
+    return [{"name": name, "occlusion.attention": att, "occlusion.adversarial": adv}
+            for name, (att, adv) in VARIANTS.items()]

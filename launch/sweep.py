@@ -18,8 +18,9 @@ ROOT/sweep.png (arms with 95% error bars, runs as dots, optional chance line):
 
 Arms: `--arm NAME=KEY=VALUE,KEY=VALUE` (repeatable; `--arm NAME` = the config as it is). Without
 --arm, the arms are the entries of the config file's `get_sweep(arg) -> list[dict]`, each named
-after its overrides; a config without get_sweep is one arm, 'default', when seeds or folds are
-given. Seeds override `--seed_key` (config.seed), folds `--fold_key` (config.data.fold).
+by its 'name' key (not an override) or else after its overrides; a config without get_sweep is
+one arm, 'default', when seeds or folds are given. Seeds override `--seed_key` (config.seed),
+folds `--fold_key` (config.data.fold).
 Arguments after `--` go to every run (e.g. `-- --config.train.num_epochs=5`).
 """
 
@@ -69,6 +70,22 @@ def run_name(overrides: dict) -> str:
     return ",".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items()) or "default"
 
 
+def check_arm_name(name: str, where: str) -> str:
+    if not re.fullmatch(r"[\w.+-]+", name):
+        raise SystemExit(f"{where}: the arm name {name!r} must be letters, digits, '_', '.', "
+                         "'+' or '-' (it names the run folder)")
+    return name
+
+
+def sweep_arm(entry: dict) -> tuple[str, dict]:
+    """A get_sweep entry -> (arm name, overrides): its 'name' key when it has one (the run
+    folder and the row of the table), else a name made of its overrides."""
+    overrides = {k: v for k, v in entry.items() if k != "name"}
+    if "name" not in entry:
+        return run_name(overrides), overrides
+    return check_arm_name(str(entry["name"]), f"get_sweep entry {entry}"), overrides
+
+
 def override_flags(overrides: dict) -> list[str]:
     return [f"--config.{k}={v}" for k, v in overrides.items()]
 
@@ -90,9 +107,7 @@ def parse_ints(text: str, *, flag: str) -> list[int]:
 def parse_arm(text: str) -> tuple[str, dict]:
     """'NAME=k1=v1,k2=v2' -> (NAME, {k1: v1, k2: v2}); a comma inside a value (a tuple) stays."""
     name, _, rest = text.partition("=")
-    if not re.fullmatch(r"[\w.+-]+", name):
-        raise SystemExit(f"--arm={text!r}: the name (before the first '=') must be letters, "
-                         "digits, '_', '.', '+' or '-' (it names the run folder)")
+    check_arm_name(name, f"--arm={text!r} (the name is what comes before the first '=')")
     overrides = {}
     for item in filter(None, re.split(r",(?=\s*[\w.]+=)", rest)):
         key, sep, value = item.strip().partition("=")
@@ -404,7 +419,7 @@ def plan(args) -> list[Run]:
         arms = [parse_arm(a) for a in args.arm]
     else:
         sweep = load_sweep(args.config, required=not (seeds or folds))
-        arms = [(run_name(o), o) for o in sweep] if sweep else [("default", {})]
+        arms = [sweep_arm(o) for o in sweep] if sweep else [("default", {})]
     return expand(arms, args.workdir, seeds=seeds, folds=folds, seed_key=args.seed_key,
                   fold_key=args.fold_key)
 

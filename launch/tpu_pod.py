@@ -22,8 +22,9 @@ import sweep as sweep_lib
 
 
 def pod_commands(args) -> list[list[str]]:
-    runs = ([(sweep_lib.run_name(o), sweep_lib.override_flags(o))
-             for o in sweep_lib.load_sweep(args.config)] if args.sweep else [("", [])])
+    arms = [sweep_lib.sweep_arm(o) for o in sweep_lib.load_sweep(args.config)] if args.sweep \
+        else [("", {})]
+    runs = [(name, sweep_lib.override_flags(o)) for name, o in arms]
     out = []
     for name, overrides in runs:
         workdir = args.workdir.rstrip("/") + (f"/{name}" if name else "")

@@ -137,6 +137,25 @@ def test_get_sweep_entries_are_the_arms(grid_config, tmp_path):
                                          "--config.train.learning_rate=0.01"]
 
 
+def test_named_get_sweep_entries(tmp_path):
+    """A get_sweep entry's 'name' names its folder and row and is not an override; a name that
+    cannot be a folder is an error naming the entry."""
+    cfg = tmp_path / "named.py"
+    cfg.write_text("def get_config(arg=None):\n    return None\n\n\n"
+                   "def get_sweep(arg=None):\n"
+                   "    return [{'name': 'fast', 'train.learning_rate': 0.1}, {'name': 'base'}]\n")
+    out = _cli(f"--config={cfg}", f"--workdir={tmp_path}", "--seeds=0", "--dry_run")
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.splitlines()
+    assert f"--workdir={tmp_path}/fast/seed0 --config.train.learning_rate=0.1 " \
+           "--config.seed=0" in first
+    assert f"--workdir={tmp_path}/base/seed0 --config.seed=0" in second
+    assert "--config.name" not in second
+    assert sweep.sweep_arm({"a.b": 1}) == ("b=1", {"a.b": 1})
+    with pytest.raises(SystemExit, match="the arm name 'a/b' must be"):
+        sweep.sweep_arm({"name": "a/b", "seed": 1})
+
+
 def test_expansion_errors():
     with pytest.raises(SystemExit, match="arm names must be distinct"):
         sweep.expand([("a", {}), ("a", {})], "/tmp/r")
