@@ -18,7 +18,8 @@ as KxV and sL (L local steps per call; s* = all in one call). Round 1 of engine 
 must agree (max |difference| reported).
 --layouts adds hand-set engine layouts (KxV: K clients per call, vmap width V, the CPU default
 unrolled steps; KxVsL: L local steps per call) to compare with the automatic one; --devices N
-makes the host N JAX devices (one per core); --out names the JSON file.
+makes the host N JAX devices (default 0 = what `fer_jax.main` does for a federated run: one
+per core, at most the cohort; on an accelerator its devices); --out names the JSON file.
 
   python benchmarks/federated_throughput.py                    # 3 models x 10/100/1000 clients
   python benchmarks/federated_throughput.py --cohorts 10,100 --repeats 1 --layouts auto,1x1,16x16
@@ -170,9 +171,15 @@ def run_one(model_name, cohort, layouts, repeats, population_size, devices, cach
 
     cache_dir: JAX's persistent compilation cache there (as `fer_jax.main` enables it).
     startup_only: only the engine's start-up (a warm-cache rerun); no timed rounds."""
+    import os
+
     import jax
 
-    if devices > 1:
+    if devices == 0:  # fer_jax.main's automatic split (fer_jax.experiments.host_cpu_devices)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
+        jax.config.update("jax_num_cpu_devices", max(1, min(cores, cohort)))
+    elif devices > 1:
         jax.config.update("jax_num_cpu_devices", devices)
     if cache_dir:
         jax.config.update("jax_compilation_cache_dir", cache_dir)
@@ -192,6 +199,7 @@ def run_one(model_name, cohort, layouts, repeats, population_size, devices, cach
                            train=False)
     sampler = fl.CohortSampler(population_size, cohort)
     key = jax.random.PRNGKey(0)
+    devices = len(jax.devices()) if devices == 0 else devices
     mesh = fl.clients_mesh(jax.devices()[:devices])
 
     def engine_for(layout):
@@ -300,7 +308,7 @@ def rows(r):
     for layout, e in r["engine"].items():
         chosen = e["layout"]
         lines.append(
-            f"{r['model']:5s} {r['cohort']:5d} {layout:6s} "
+            f"{r['model']:5s} {r['cohort']:5d} {r['devices']:3d} {layout:6s} "
             f"{chosen['clients_per_call']:3d}x{chosen['vmap_width']:<3d}"
             f"{'s' + str(chosen.get('steps_per_call') or '*'):3s} {e['s_per_round']:8.3f} "
             f"{e['client_updates_per_s']:8.1f} {e['useful_examples_per_s']:9.0f} "
@@ -321,7 +329,8 @@ def main():
     ap.add_argument("--layouts", default="auto",
                     help="engine layouts: auto and/or KxV (clients per call and device x vmap)")
     ap.add_argument("--population", type=int, default=100_000)
-    ap.add_argument("--devices", type=int, default=1, help="host JAX devices (one per core)")
+    ap.add_argument("--devices", type=int, default=0,
+                    help="host JAX devices; 0 = one per core up to the cohort (fer_jax.main's)")
     ap.add_argument("--note", default="", help="stored with the results (e.g. machine load)")
     ap.add_argument("--out", default=str(RESULTS), help="the JSON file written")
     args = ap.parse_args()
@@ -329,7 +338,7 @@ def main():
         print(json.dumps(run_one(*json.loads(args.one))))
         return
     layouts = args.layouts.split(",")
-    print("model cohort layout chosen  s/round  upd/s   useful/s startup warm compile RSS_MB "
+    print("model cohort dev layout chosen  s/round  upd/s   useful/s startup warm compile RSS_MB "
           "plain_s  central/s  x_plain x_central diff", flush=True)
     results = []
     for m in args.models.split(","):
