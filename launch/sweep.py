@@ -15,6 +15,14 @@ ROOT/sweep.png (arms with 95% error bars, runs as dots, optional chance line):
   python launch/sweep.py ... --print_overrides   # one override line per run, for tpu_pod.py
   python launch/sweep.py --workdir=/tmp/both --combine=a=/tmp/a/sweep.json \
       --combine=b=/tmp/b/sweep.json   # one table and figure of sweeps run apart
+  python launch/sweep.py --workdir=/tmp/all --combine=/tmp/seed0/sweep.json \
+      --combine=/tmp/seed1/sweep.json --unit=fold --paired_with=random   # seeds run apart
+
+Statistics are over runs (`--unit=run`) or over folds (`--unit=fold`: a fold's value is the
+mean of its seeds, so the fold, not the seed, is the sample, as when which subjects are held out
+moves results more than the seed does). `--paired_with=ARM` adds every other arm's differences
+from ARM, paired by (seed, fold) or by fold: mean, 95% t-interval, and in how many pairs the arm
+is ahead.
 
 Arms: `--arm NAME=KEY=VALUE,KEY=VALUE` (repeatable; `--arm NAME` = the config as it is). Without
 --arm, the arms are the entries of the config file's `get_sweep(arg) -> list[dict]`, each named
@@ -264,22 +272,61 @@ def collect(runs: list[Run], metrics: list[str]) -> list[dict]:
     return records
 
 
-def summary_by_arm(records: list[dict], metrics: list[str]) -> dict:
+UNITS = ("run", "fold")
+
+
+def unit_values(records: list[dict], arm: str, metric: str, unit: str = "run") -> dict:
+    """{unit key: value} of one arm's finished runs: per run, keyed (seed, fold); per fold, the
+    mean over the fold's seeds, keyed by fold."""
+    if unit not in UNITS:
+        raise SystemExit(f"--unit={unit!r}: expected one of {UNITS}")
+    runs = [r for r in records if r["arm"] == arm and r["metrics"] is not None
+            and r["metrics"][metric] is not None]
+    if unit == "run":
+        return {(r["seed"], r["fold"]): r["metrics"][metric] for r in runs}
+    if any(r["fold"] is None for r in runs):
+        raise SystemExit(f"--unit=fold: arm {arm!r} has runs without a fold (run with --folds)")
+    by_fold = {}
+    for r in runs:
+        by_fold.setdefault(r["fold"], []).append(r["metrics"][metric])
+    return {f: statistics.mean(v) for f, v in sorted(by_fold.items())}
+
+
+def summary_by_arm(records: list[dict], metrics: list[str], unit: str = "run") -> dict:
     arms = list(dict.fromkeys(r["arm"] for r in records))
-    return {arm: {m: summarize([r["metrics"][m] for r in records
-                                if r["arm"] == arm and r["metrics"] is not None
-                                and r["metrics"][m] is not None])
-                  for m in metrics} for arm in arms}
+    return {arm: {m: summarize(unit_values(records, arm, m, unit).values()) for m in metrics}
+            for arm in arms}
+
+
+def paired(records: list[dict], metrics: list[str], base: str, unit: str = "run") -> dict:
+    """{arm: {metric: summary of (arm - base) over the units both have, + 'ahead'}} for every
+    arm but `base`: the paired comparison (same seed and fold, or same fold)."""
+    arms = list(dict.fromkeys(r["arm"] for r in records))
+    if base not in arms:
+        raise SystemExit(f"--paired_with={base!r}: no such arm; the arms are {arms}")
+    out = {}
+    for arm in arms:
+        if arm == base:
+            continue
+        out[arm] = {}
+        for m in metrics:
+            a, b = unit_values(records, arm, m, unit), unit_values(records, base, m, unit)
+            diffs = [a[k] - b[k] for k in a if k in b]
+            out[arm][m] = {**summarize(diffs), "ahead": sum(d > 0 for d in diffs)}
+    return out
 
 
 def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
 
-def markdown(config_spec: str, records: list[dict], summary: dict, metrics: list[str]) -> str:
+def markdown(config_spec: str, records: list[dict], summary: dict, metrics: list[str],
+             unit: str = "run", pairs: dict | None = None, base: str = "") -> str:
     head = ["arm", "n"] + [f"{m} {c}" for m in metrics for c in ("mean", "std", "95% CI")]
+    what = ("runs with an eval.json (n)" if unit == "run" else
+            "folds (n; a fold's value is the mean of its seeds' runs)")
     lines = [f"# Sweep of `{config_spec}`", "",
-             "Per arm: runs with an eval.json (n), mean, sample std (n - 1) and the 95% "
+             f"Per arm: {what}, mean, sample std (n - 1) and the 95% "
              "Student-t interval of the mean, mean +- t(0.975, n - 1) std / sqrt(n).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm, per_metric in summary.items():
@@ -289,6 +336,22 @@ def markdown(config_spec: str, records: list[dict], summary: dict, metrics: list
             ci = "n/a" if s["ci95"] is None else f"[{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}]"
             cells += [_fmt(s["mean"]), _fmt(s["std"]), ci]
         lines.append("| " + " | ".join(cells) + " |")
+    if pairs:
+        by = "(seed, fold)" if unit == "run" else "fold"
+        head = ["arm", "n"] + [f"{m} {c}" for m in metrics for c in ("mean", "95% CI", "ahead")]
+        lines += ["", f"## Paired with `{base}`", "",
+                  f"arm - {base}, paired by {by}: n pairs, mean difference, its 95% "
+                  f"Student-t interval, and in how many pairs the arm is ahead.", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for arm, per_metric in pairs.items():
+            cells = [arm, str(max(per_metric[m]["n"] for m in metrics))]
+            for m in metrics:
+                d = per_metric[m]
+                ci = ("n/a" if d["ci95"] is None else
+                      f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]")
+                cells += ["n/a" if d["mean"] is None else f"{d['mean']:+.4f}", ci,
+                          f"{d['ahead']} of {d['n']}"]
+            lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Runs", "", "| arm | seed | fold | " + " | ".join(metrics) + " |",
               "|" + "---|" * (3 + len(metrics))]
     for r in records:
@@ -305,8 +368,9 @@ def markdown(config_spec: str, records: list[dict], summary: dict, metrics: list
 
 
 def plot(path, config_spec: str, records: list[dict], summary: dict, metrics: list[str],
-         chance: dict) -> None:
-    """One panel per metric: each arm's runs as dots, its mean with the 95% interval as bars."""
+         chance: dict, unit: str = "run") -> None:
+    """One panel per metric: each arm's runs (or folds) as dots, its mean with the 95% interval
+    as bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -320,13 +384,13 @@ def plot(path, config_spec: str, records: list[dict], summary: dict, metrics: li
     fig, axes = plt.subplots(1, len(metrics), figsize=(width * len(metrics), 4.2), squeeze=False)
     for ax, m in zip(axes[0], metrics, strict=True):
         for i, arm in enumerate(arms):
-            vals = [r["metrics"][m] for r in records if r["arm"] == arm and r["metrics"]
-                    and r["metrics"][m] is not None]
+            vals = list(unit_values(records, arm, m, unit).values())
             # Runs in a strip left of the arm's mean, so the mean marker hides none of them.
             offsets = [-0.22] if len(vals) == 1 else [
                 -0.32 + 0.2 * k / (len(vals) - 1) for k in range(len(vals))]
             ax.scatter([i + o for o in offsets], vals, s=14, color="0.5", zorder=2,
-                       label="one run" if i == 0 else None)
+                       label=("one run" if unit == "run" else "one fold (mean of its seeds)")
+                       if i == 0 else None)
             s = summary[arm][m]
             if s["mean"] is not None:  # n = 1: a mean without an interval
                 ax.errorbar(i, s["mean"], yerr=s["half_width"], fmt="o", color="C0", ms=7,
@@ -350,23 +414,25 @@ def plot(path, config_spec: str, records: list[dict], summary: dict, metrics: li
 
 
 def report(root, config_spec: str, runs: list[Run], metrics: list[str],
-           chance: dict | None = None) -> dict:
+           chance: dict | None = None, **stats) -> dict:
     """Writes ROOT/sweep.json, sweep.md and sweep.png; returns the JSON content."""
     records = collect(runs, metrics)
     if not any(r["metrics"] for r in records):
         raise SystemExit(f"{root}: none of the {len(runs)} runs has an {EVAL_FILE}; nothing to "
                          "report")
-    return write_report(root, config_spec, records, metrics, chance)
+    return write_report(root, config_spec, records, metrics, chance, **stats)
 
 
 def combined_records(sources: list[str], metrics: list[str]) -> tuple[str, list[dict]]:
-    """(title, records) of other sweeps' sweep.json files given as `LABEL=PATH`: every arm
-    renamed 'LABEL: arm', so sweeps run apart (another day, another recipe) share one table."""
-    titles, records = [], []
+    """(title, records) of other sweeps' sweep.json files given as `LABEL=PATH` (every arm
+    renamed 'LABEL: arm', so sweeps run apart, another day or another recipe, share one table)
+    or as `PATH` (arms keep their names: the seeds or folds of one grid run in pieces; a run
+    (arm, seed, fold) found in two files is an error)."""
+    titles, records, seen = [], [], {}
     for source in sources:
-        label, sep, path = source.partition("=")
-        if not sep or not label or not path:
-            raise SystemExit(f"--combine={source!r}: expected LABEL=PATH/TO/sweep.json")
+        label, sep, path = source.partition("=") if "=" in source else ("", "", source)
+        if sep and (not label or not path):
+            raise SystemExit(f"--combine={source!r}: expected [LABEL=]PATH/TO/sweep.json")
         try:
             content = json.loads(pathlib.Path(path).read_text())
         except (OSError, json.JSONDecodeError) as e:
@@ -375,23 +441,36 @@ def combined_records(sources: list[str], metrics: list[str]) -> tuple[str, list[
         if missing:
             raise SystemExit(f"--combine {path}: metrics {missing} not in its "
                              f"{content.get('metrics')}")
-        titles.append(f"{label}: {content.get('config', '?')}")
+        titles.append(f"{label}: {content.get('config', '?')}" if label
+                      else content.get("config", "?"))
         for r in content["runs"]:
             values = r["metrics"] and {m: r["metrics"][m] for m in metrics}
-            records.append({**r, "arm": f"{label}: {r['arm']}", "metrics": values})
+            arm = f"{label}: {r['arm']}" if label else r["arm"]
+            key = (arm, r["seed"], r["fold"])
+            if key in seen:
+                raise SystemExit(f"--combine: run {arm!r} seed {r['seed']} fold {r['fold']} is "
+                                 f"in both {seen[key]} and {path}")
+            seen[key] = path
+            records.append({**r, "arm": arm, "metrics": values})
+    titles = list(dict.fromkeys(titles))
     return " + ".join(titles), records
 
 
 def write_report(root, config_spec: str, records: list[dict], metrics: list[str],
-                 chance: dict | None = None) -> dict:
+                 chance: dict | None = None, *, unit: str = "run", paired_with: str = "") -> dict:
     """Writes ROOT/sweep.json, sweep.md and sweep.png of `records`; returns the JSON content."""
     root = pathlib.Path(root)
-    summary = summary_by_arm(records, metrics)
-    content = {"config": config_spec, "metrics": metrics, "runs": records, "summary": summary}
+    summary = summary_by_arm(records, metrics, unit)
+    pairs = paired(records, metrics, paired_with, unit) if paired_with else None
+    content = {"config": config_spec, "metrics": metrics, "unit": unit, "runs": records,
+               "summary": summary}
+    if pairs:
+        content["paired_with"], content["paired"] = paired_with, pairs
     root.mkdir(parents=True, exist_ok=True)
     (root / "sweep.json").write_text(json.dumps(content, indent=2) + "\n")
-    (root / "sweep.md").write_text(markdown(config_spec, records, summary, metrics))
-    plot(root / "sweep.png", config_spec, records, summary, metrics, chance or {})
+    (root / "sweep.md").write_text(markdown(config_spec, records, summary, metrics, unit, pairs,
+                                            paired_with))
+    plot(root / "sweep.png", config_spec, records, summary, metrics, chance or {}, unit)
     return content
 
 
@@ -445,8 +524,13 @@ def main(argv=None) -> int:
     parser.add_argument("--print_overrides", action="store_true",
                         help="print one line of --config overrides per run")
     parser.add_argument("--combine", action="append", default=[],
-                        help="LABEL=PATH/TO/sweep.json (repeatable): run nothing; one report "
-                             "in --workdir of these sweeps' runs, arms named 'LABEL: arm'")
+                        help="[LABEL=]PATH/TO/sweep.json (repeatable): run nothing; one report "
+                             "in --workdir of these sweeps' runs, arms named 'LABEL: arm' (or "
+                             "kept without a label)")
+    parser.add_argument("--unit", default="run", choices=UNITS,
+                        help="the statistics' sample: a run, or a fold (mean of its seeds)")
+    parser.add_argument("--paired_with", default="",
+                        help="ARM: add every other arm's paired differences from it")
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
@@ -455,7 +539,8 @@ def main(argv=None) -> int:
     root = pathlib.Path(args.workdir)
     if args.combine:
         title, records = combined_records(args.combine, metrics)
-        write_report(root, title, records, metrics, chance)
+        write_report(root, title, records, metrics, chance, unit=args.unit,
+                     paired_with=args.paired_with)
         print((root / "sweep.md").read_text(), end="")
         return 0
     if not args.config:
@@ -477,7 +562,8 @@ def main(argv=None) -> int:
                 failed += subprocess.run(cmd, cwd=REPO).returncode != 0
     if args.dry_run:
         return 0
-    content = report(args.workdir, args.config, runs, metrics, chance)
+    content = report(args.workdir, args.config, runs, metrics, chance, unit=args.unit,
+                     paired_with=args.paired_with)
     print((root / "sweep.md").read_text(), end="")
     print(f"wrote {root / 'sweep.json'}, {root / 'sweep.md'}, {root / 'sweep.png'} "
           f"({sum(r['metrics'] is not None for r in content['runs'])} of {len(runs)} runs)")

@@ -279,7 +279,47 @@ def test_combine_merges_sweeps_run_apart(tmp_path):
     assert len(content["runs"]) == 12 and (both / "sweep.png").is_file()
     with pytest.raises(SystemExit, match=r"metrics \['test.top5'\] not in"):
         sweep.combined_records([f"a={root / 'sweep.json'}"], ["test.top5"])
-    with pytest.raises(SystemExit, match="expected LABEL=PATH"):
-        sweep.combined_records([str(root / "sweep.json")], ["test.accuracy"])
+    with pytest.raises(SystemExit, match="expected \\[LABEL=\\]PATH"):
+        sweep.combined_records([f"={root / 'sweep.json'}"], ["test.accuracy"])
+    # Without a label the arms keep their names; the same run in two files is an error.
+    _, kept = sweep.combined_records([str(root / "sweep.json")], ["test.accuracy"])
+    assert {r["arm"] for r in kept} == {"base", "wide"}
+    with pytest.raises(SystemExit, match="run 'base' seed 0 fold None is in both"):
+        sweep.combined_records([str(root / "sweep.json")] * 2, ["test.accuracy"])
     with pytest.raises(SystemExit, match="cannot read a sweep.json"):
         sweep.combined_records([f"a={tmp_path / 'none.json'}"], ["test.accuracy"])
+
+
+def _record(arm, seed, fold, value):
+    return {"arm": arm, "seed": seed, "fold": fold, "workdir": f"/r/{arm}/{seed}_{fold}",
+            "metrics": {"acc": value}}
+
+
+def test_fold_unit_and_paired_differences(tmp_path):
+    """Two arms, 3 folds x 2 seeds. Fold means: a [0.7, 0.6, 0.9], b [0.5, 0.6, 0.7]. By fold:
+    a's mean 0.7333, std 0.15275 (hand-computed); a - b = [0.2, 0.0, 0.2]: mean 0.1333, std
+    0.11547, half-width t(0.975, 2) 4.3027 x 0.11547 / sqrt(3) = 0.28685, ahead in 2 of 3 (a
+    tie is not ahead). By run, paired on (seed, fold): [0.1, 0.3, -0.2, 0.2, 0.3, 0.1]:
+    mean 0.1333, ahead in 5 of 6."""
+    values = {"a": [[0.6, 0.8], [0.5, 0.7], [0.9, 0.9]], "b": [[0.5, 0.5], [0.7, 0.5], [0.6, 0.8]]}
+    records = [_record(arm, seed, fold, v[fold][seed]) for arm, v in values.items()
+               for fold in range(3) for seed in range(2)]
+    content = sweep.write_report(tmp_path, "c", records, ["acc"], unit="fold", paired_with="b")
+    a = content["summary"]["a"]["acc"]
+    assert (a["n"], a["mean"], a["std"]) == (3, pytest.approx(0.73333, abs=1e-5),
+                                             pytest.approx(0.15275, abs=1e-5))
+    d = content["paired"]["a"]["acc"]
+    assert (d["n"], d["ahead"]) == (3, 2)
+    assert d["mean"] == pytest.approx(0.13333, abs=1e-5)
+    assert d["half_width"] == pytest.approx(0.28685, abs=1e-4)
+    md = (tmp_path / "sweep.md").read_text()
+    assert "folds (n; a fold's value is the mean of its seeds' runs)" in md
+    assert "| a | 3 | +0.1333 | [-0.1535, +0.4202] | 2 of 3 |" in md
+    by_run = sweep.paired(records, ["acc"], "b", unit="run")["a"]["acc"]
+    assert (by_run["n"], by_run["ahead"]) == (6, 5)
+    assert by_run["mean"] == pytest.approx(0.13333, abs=1e-5)
+    assert (tmp_path / "sweep.png").is_file()
+    with pytest.raises(SystemExit, match="--paired_with='c': no such arm"):
+        sweep.paired(records, ["acc"], "c")
+    with pytest.raises(SystemExit, match="arm 'x' has runs without a fold"):
+        sweep.summary_by_arm([_record("x", 0, None, 0.5)], ["acc"], unit="fold")
