@@ -407,6 +407,9 @@ def plot(path, config_spec: str, records: list[dict], summary: dict, metrics: li
         ax.legend(fontsize=8, loc="best")
     done = sum(r["metrics"] is not None for r in records)
     title = f"{config_spec}: {done} runs, {len(arms)} arm{'s' * (len(arms) != 1)}"
+    if unit == "fold":
+        folds = len({r["fold"] for r in records if r["metrics"] is not None})
+        title += f"; statistics over {folds} folds (seeds averaged within a fold)"
     fig.suptitle(textwrap.fill(title, width=int(10 * width * len(metrics))), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
