@@ -206,7 +206,7 @@ def test_centralized_runlocal(make_config, tmp_path):
                         "fedaffect.curve_every_rounds": 1, "fedaffect.curve_episodes": 20})
     results = fedaffect.run(config, str(tmp_path))
     records = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    curve = [(r["step"], r["eval/accuracy"]) for r in records if "eval/accuracy" in r]
+    curve = [(r["step"], r["eval/1shot_accuracy"]) for r in records if "eval/1shot_accuracy" in r]
     assert [step for step, _ in curve] == [1, 2, 3]
     assert all(0 <= acc <= 1 for _, acc in curve)
     assert curve[-1][1] == results["fewshot"]["accuracy"]

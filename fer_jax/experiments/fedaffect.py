@@ -475,7 +475,8 @@ def run(config, workdir: str) -> dict:
         few_params = jax.device_get(round_fn.variables(state))[1]["params"]
         res = evaluate_fewshot(few_params, few_model, held, num_classes=num_classes,
                                config=config, seed=config.seed, num_episodes=fa.curve_episodes)
-        run.writer.write(r, {"eval/accuracy": res["accuracy"], "eval/ci95": res["ci95"]})
+        run.writer.write(r, {f"eval/{fa.shots}shot_accuracy": res["accuracy"],
+                             f"eval/{fa.shots}shot_ci95": res["ci95"]})
         logging.info("round %d: held-out %d-shot accuracy %.3f +- %.3f (%d episodes)", r,
                      fa.shots, res["accuracy"], res["ci95"], res["episodes"])
 
@@ -524,9 +525,12 @@ def run(config, workdir: str) -> dict:
                "clients": summary | {"labeled_sizes": None, "unlabeled_sizes": None},
                "seconds": {"train": train_seconds, "eval": eval_seconds}}
     results["clients"] = {k: v for k, v in results["clients"].items() if v is not None}
-    scalars = {"eval/accuracy": result["accuracy"], "eval/ci95": result["ci95"],
+    # The curve's series by name: eval/{K}shot_accuracy (the held-out points of every
+    # curve_every_rounds rounds are fa.shots-shot), the final point of each shot count.
+    scalars = {f"eval/{fa.shots}shot_accuracy": result["accuracy"],
+               f"eval/{fa.shots}shot_ci95": result["ci95"],
                "eval/nearest_class_accuracy": result["nearest_class_accuracy"]}
-    for k, r in by_shots.items():  # eval/accuracy is already the fa.shots-shot accuracy
+    for k, r in by_shots.items():
         if "accuracy" in r and int(k) != fa.shots:
             scalars[f"eval/{k}shot_accuracy"] = r["accuracy"]
     if "accuracy" in overall:
