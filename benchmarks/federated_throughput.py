@@ -171,14 +171,12 @@ def run_one(model_name, cohort, layouts, repeats, population_size, devices, cach
 
     cache_dir: JAX's persistent compilation cache there (as `fer_jax.main` enables it).
     startup_only: only the engine's start-up (a warm-cache rerun); no timed rounds."""
-    import os
-
     import jax
 
-    if devices == 0:  # fer_jax.main's automatic split (fer_jax.experiments.host_cpu_devices)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-            os.cpu_count() or 1)
-        jax.config.update("jax_num_cpu_devices", max(1, min(cores, cohort)))
+    from fer_jax import experiments
+
+    if devices == 0:  # fer_jax.main's automatic split (experiments.host_cpu_devices)
+        jax.config.update("jax_num_cpu_devices", max(1, min(experiments.host_cores(), cohort)))
     elif devices > 1:
         jax.config.update("jax_num_cpu_devices", devices)
     if cache_dir:

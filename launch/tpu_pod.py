@@ -24,9 +24,9 @@ import sweep as sweep_lib
 def pod_commands(args) -> list[list[str]]:
     arms = [sweep_lib.sweep_arm(o) for o in sweep_lib.load_sweep(args.config)] if args.sweep \
         else [("", {})]
-    runs = [(name, sweep_lib.override_flags(o)) for name, o in arms]
     out = []
-    for name, overrides in runs:
+    for name, arm_overrides in arms:
+        overrides = sweep_lib.override_flags(arm_overrides)
         workdir = args.workdir.rstrip("/") + (f"/{name}" if name else "")
         remote = " ".join([
             f"cd {args.repo_dir} &&", f"{args.python} -m fer_jax.main",

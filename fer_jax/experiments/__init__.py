@@ -27,6 +27,13 @@ def get(name: str):
     return importlib.import_module(f"fer_jax.experiments.{name}")
 
 
+def host_cores() -> int:
+    """The CPU cores this process may use (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def host_cpu_devices(config, *, requested: int | None = None, distributed: bool = False,
                      cores: int | None = None) -> tuple[int, str]:
     """How many JAX devices `fer_jax.main` splits the host CPU into, and why (for the log).
@@ -47,8 +54,7 @@ def host_cpu_devices(config, *, requested: int | None = None, distributed: bool 
     if not getattr(module, "SPLIT_HOST_WHEN_FEDERATED", False):
         return 1, f"none (automatic: {name!r} does not set SPLIT_HOST_WHEN_FEDERATED)"
     if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-            os.cpu_count() or 1)
+        cores = host_cores()
     # The largest cohort of the run: the experiment's max_cohort(config) if it has several
     # engines (FedAffect), else config.fed.cohort_size.
     cohort = (module.max_cohort(config) if hasattr(module, "max_cohort")
