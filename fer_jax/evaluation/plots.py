@@ -237,6 +237,8 @@ def save_learning_curve(records, path: str | pathlib.Path, *, title: str = "",
             ax.plot(x, y, marker="o" if len(x) < 30 else None, markersize=3,
                     label=series_label(key, split_names))
         ax.set_xlabel(xlabel)
+        if xlabel in ("round", "step"):  # whole rounds / steps, not 1.25
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if not series[group]:
