@@ -173,6 +173,36 @@ def test_run_without_unlabeled_or_labeled_clients_fails_clearly(make_config, tmp
         fedaffect.run(config, str(tmp_path / "b"))
 
 
+@pytest.mark.slow  # ~20 s on 2 loaded cores: CI's slow step
+def test_centralized_without_simclr_runs_when_every_image_is_labeled(make_config):
+    """labeled_fraction=1.0 with unlabeled='rest' leaves no unlabeled image: without SimCLR the
+    centralized learner still builds (its representation learner is never stepped) and its
+    encoder stays the initial one; the federated twin of this setting already ran."""
+    config = _config(make_config, "runlocal", **{
+        "mode": "centralized", "fedaffect.representation": "none",
+        "fedaffect.labeled_fraction": 1.0, "fedaffect.unlabeled": "rest",
+        "fedaffect.encoder_sharing": "handoff"})
+    train = data_lib.load(config.data)[config.data.train_split]
+    clients = fedaffect.build_clients(config, train, 8)
+    assert len(clients["unlabeled"]) == 0
+    rep_model, few_model = fedaffect.build_models(config, 8)
+    rv, fv = fedaffect.init_variables(config, rep_model, few_model, 8)
+    methods = fedaffect.build_methods(config, rep_model, few_model, 8,
+                                      max_labeled=max(clients["summary"]["labeled_sizes"]))
+    round_fn, state, _ = fedaffect._centralized_rounds(config, clients, train, *methods, rv, fv,
+                                                       False)
+    state, _ = round_fn(state, 0)
+    rep_final, _ = jax.device_get(round_fn.variables(state))
+    for a, b in zip(jax.tree.leaves(rep_final["params"]["encoder"]),
+                    jax.tree.leaves(rv["params"]["encoder"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_pooled_order_rejects_an_empty_batch():
+    with pytest.raises(ValueError, match="batch size 0: expected >= 1"):
+        loops.PooledOrder(0, 0, seed=0)
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("model.kwargs.norm", "batch", "model.kwargs"),
     ("mode", "split", "config.mode"),

@@ -72,6 +72,9 @@ class PooledOrder:
     batches of `batch_size`. A function of (seed, step) only."""
 
     def __init__(self, num_examples: int, batch_size: int, seed: int):
+        if batch_size < 1:
+            raise ValueError(f"batch size {batch_size}: expected >= 1 (an empty training set "
+                             f"of {num_examples} examples?)")
         if num_examples < batch_size:
             raise ValueError(f"training split has {num_examples} examples, fewer than the batch "
                              f"size {batch_size} (config.train.batch_size)")
