@@ -196,11 +196,16 @@ def test_centralized_without_simclr_runs_when_every_image_is_labeled(make_config
     for a, b in zip(jax.tree.leaves(rep_final["params"]["encoder"]),
                     jax.tree.leaves(rv["params"]["encoder"]), strict=True):
         np.testing.assert_array_equal(a, b)
+    # The representation learner holds no image; stepping it (SimCLR) is a clear error.
+    with pytest.raises(ValueError, match="holds no training examples"):
+        loops.PooledLearner(methods[0], rv, {"image": train.images[:0]}, 0, seed=0).step(0)
 
 
 def test_pooled_order_rejects_an_empty_batch():
     with pytest.raises(ValueError, match="batch size 0: expected >= 1"):
         loops.PooledOrder(0, 0, seed=0)
+    with pytest.raises(ValueError, match="batch size 0: expected >= 1"):
+        loops.PooledOrder(5, 0, seed=0)
 
 
 @pytest.mark.parametrize("field,value,match", [

@@ -654,11 +654,6 @@ def _centralized_rounds(config, clients, train, rep_method, few_method, rep_vars
     unlabeled = train.images[clients["unlabeled"]]
     labeled = {"image": train.images[clients["labeled"]],
                "label": train.labels[clients["labeled"]].astype(np.int32)}
-    if not use_simclr and not len(unlabeled):
-        # Every image labeled (labeled_fraction=1.0, unlabeled='rest') and no SimCLR: the
-        # representation learner only carries the encoder and is never stepped; it needs some
-        # images to be built on (run() has already refused SimCLR without unlabeled images).
-        unlabeled = labeled["image"]
     rep_frac = min(config.repr.cohort_size, len(clients["rep_clients"])) / max(
         len(clients["rep_clients"]), 1)
     rep_steps = max(1, round(rep_frac * len(unlabeled) * config.repr.local_epochs

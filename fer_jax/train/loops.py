@@ -111,7 +111,9 @@ class PooledLearner:
                  trainable: tuple | None = None):
         n = len(next(iter(data.values())))
         self.method, self.data = method, data
-        self.order = PooledOrder(n, batch_size, seed)
+        # A learner over no examples can be built (its state carried, e.g. FedAffect's
+        # representation encoder when SimCLR is off); stepping it is the error.
+        self.order = PooledOrder(n, batch_size, seed) if n else None
         init_key, self.step_key = client_keys(run_key(seed))
         if trainable is None:
             trainable = (True,) * len(jax.tree.leaves(variables))
@@ -125,6 +127,8 @@ class PooledLearner:
     def step(self, step: int, method=None) -> dict:
         """Runs global step `step` (with `method`, default the learner's); its metric sums."""
         method = method or self.method
+        if self.order is None:
+            raise ValueError("this pooled learner holds no training examples: nothing to step on")
         if method not in self._jitted:
             self._jitted[method] = jax.jit(method.step, donate_argnums=0)
         idx = self.order.indices(step)
