@@ -501,7 +501,8 @@ def run(config, workdir: str) -> dict:
     init = config.get("init")
     origin = f"init {config.init.path.rstrip('/').split('/')[-1]}" if init and init.path \
         else "random init"
-    tag = (f"{config.mode}, encoder {origin}{' + SimCLR' if use_simclr else ''}, "
+    frozen = "" if fa.train_encoder else ", frozen in few-shot"
+    tag = (f"{config.mode}, encoder {origin}{' + SimCLR' if use_simclr else ''}{frozen}, "
            f"{few.get('head', 'relation')}/{few.get('loss', 'mse')}, "
            f"{fa.get('encoder_sharing', 'handoff')}")
     plots.save_confusion_matrix(
