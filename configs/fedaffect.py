@@ -66,7 +66,10 @@ _ENCODERS = {
     # padding into its statistics. With norm='none' (encoder and relation module) the relation
     # scores went constant, 1-shot accuracy at chance (docs/papers.md#fedaffect-groupnorm).
     # The CPU encoder: ~33 MFLOP per 48x48 image forward (one conv at full resolution).
-    "small_cnn": dict(norm="group", widths=(16, 32, 64), convs_per_stage=(1, 2, 2)),
+    # pool_last=False: the last stage unpooled, for deeper encoders (four stages give a 3x3 map
+    # that the relation module would pool to 1x1; docs/results.md#fedaffect-fer2013-4stage).
+    "small_cnn": dict(norm="group", widths=(16, 32, 64), convs_per_stage=(1, 2, 2),
+                      pool_last=True),
     "resnet18": dict(norm="group", stem="small"),
     "resnet50v2": dict(norm="group", stem="small"),
 }

@@ -398,6 +398,27 @@ def test_small_cnn_convs_per_stage():
         models.get_model("small_cnn", num_classes=3, widths=(4, 8), convs_per_stage=(1, 0, 2))
 
 
+
+def test_small_cnn_without_the_last_pool_keeps_the_last_stage_resolution():
+    """pool_last=False: the same parameters, feature_map = the pooled model's map before its
+    last 2x2 max (so pooling it by NumPy gives the pooled model's map)."""
+    kw = dict(widths=(4, 8, 16, 8), convs_per_stage=(1, 2, 2, 1), norm="group")
+    pooled = models.get_model("small_cnn", num_classes=None, **kw)
+    unpooled = models.get_model("small_cnn", num_classes=None, pool_last=False, **kw)
+    x = jax.random.uniform(jax.random.key(1), (2, 48, 48, 1))
+    variables = pooled.init(jax.random.key(0), x, train=False)
+    assert (jax.tree.map(jnp.shape, unpooled.init(jax.random.key(0), x, train=False))
+            == jax.tree.map(jnp.shape, variables))
+    big = np.asarray(unpooled.apply(variables, x, train=False)["feature_map"])
+    small = np.asarray(pooled.apply(variables, x, train=False)["feature_map"])
+    assert big.shape == (2, 6, 6, 8) and small.shape == (2, 3, 3, 8)
+    np.testing.assert_allclose(big.reshape(2, 3, 2, 3, 2, 8).max(axis=(2, 4)), small,
+                               rtol=1e-6, atol=1e-6)
+    # Three pools on 8x8 are fine without the fourth; 4x4 is too small for three.
+    unpooled.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
+    with pytest.raises(ValueError, match="too small for 3 2x2 pools"):
+        unpooled.init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)), train=False)
+
 def _group_norm_reference(x, groups, scale, bias, eps=1e-5):
     """NumPy GroupNorm (Wu & He 2018, Eq. 1-3): per example and group over (H, W, C / G)."""
     n, h, w, c = x.shape

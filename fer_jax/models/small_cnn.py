@@ -44,6 +44,11 @@ class SmallCNN(nn.Module):
       norm: 'batch' (BatchNorm after every conv), 'group' (GroupNorm, per example: safe with
         padded federated batches) or 'none' (convs get a bias instead).
       bn_momentum, bn_epsilon: BatchNorm running-average momentum and epsilon.
+      pool_last: False leaves out the last stage's pool: 'feature_map' at the last convs'
+        resolution (6x6 instead of 3x3 for four stages on 48x48). For heads that need a spatial
+        map from a deep encoder (FedAffect's relation module pools twice and GroupNorms a
+        1x1 map otherwise); parameters are the same either way, so a classifier trained with
+        the pool initialises an encoder without it.
     """
 
     num_classes: int | None = None
@@ -55,6 +60,7 @@ class SmallCNN(nn.Module):
     norm: str = "batch"
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
+    pool_last: bool = True
 
     def __post_init__(self):
         layers.check_num_classes(self.num_classes)
@@ -79,10 +85,11 @@ class SmallCNN(nn.Module):
     @nn.compact
     def __call__(self, x: Array, *, train: bool) -> dict[str, Array]:
         x = layers.check_images(x)
-        min_size = 2 ** len(self.widths)
+        pools = len(self.widths) - (0 if self.pool_last else 1)
+        min_size = max(2 ** pools, 1)
         if x.shape[1] < min_size or x.shape[2] < min_size:
             raise ValueError(f"x spatial size {x.shape[1:3]} is too small for "
-                             f"{len(self.widths)} 2x2 pools (need >= {min_size})")
+                             f"{pools} 2x2 pools (need >= {min_size})")
         norm = layers.make_norm(
             self.norm, train=train, momentum=self.bn_momentum, epsilon=self.bn_epsilon
         )
@@ -95,7 +102,8 @@ class SmallCNN(nn.Module):
                             name=f"conv{i + 1}_{j + 1}")(x)
                 x = nn.relu(norm(f"bn{i + 1}_{j + 1}")(x))
             # Pool by reshape: nn.max_pool's gradient is 8-15x slower on XLA:CPU.
-            x = layers.max_pool_reshape(x, 2)
+            if self.pool_last or i + 1 < len(self.widths):
+                x = layers.max_pool_reshape(x, 2)
         out = {"feature_map": x, "embedding": layers.global_avg_pool(x)}
         if self.num_classes is not None:
             h = x.reshape(x.shape[0], -1)
