@@ -13,6 +13,17 @@ Encoder ablation on CK+ (SimCLR encoder vs random encoder vs centralized):
   ... :data=ckplus48,representation=none   ... :data=ckplus48,mode=centralized
 FER-2013 in 5 random clients (the paper's Table 2), PrivateTest as the held-out pool:
   python -m fer_jax.main --config=configs/fedaffect.py:data=fer2013 --workdir=/tmp/fa_fer
+FER-2013's best measured recipe (1-shot 0.440, 5-shot 0.526, overall 0.547; 41 min on 2 cores;
+docs/results.md#fedaffect-fer2013-4stage): a four-stage GroupNorm classifier, frozen here:
+  python -m fer_jax.main --config=configs/supervised.py:data=fer2013 --workdir=/tmp/enc4 \
+      "--config.model.kwargs.widths=(24,48,96,192)" \
+      "--config.model.kwargs.convs_per_stage=(1,2,2,1)" --config.model.kwargs.norm=group \
+      --config.train.num_epochs=16
+  python -m fer_jax.main --config=configs/fedaffect.py:data=fer2013,representation=none \
+      --workdir=/tmp/fa_fer4 "--config.model.kwargs.widths=(24,48,96,192)" \
+      "--config.model.kwargs.convs_per_stage=(1,2,2,1)" --config.model.kwargs.pool_last=False \
+      --config.fedaffect.train_encoder=False --config.fedaffect.labeled_fraction=1.0 \
+      --config.init.path=/tmp/enc4 --config.init.dst=rep/encoder --config.init.skip='dense|head'
 Paper scale (ResNet-50 V2 encoder at 96x96x3, every client every round; for accelerators):
   python -m fer_jax.main --config=configs/fedaffect.py:data=ckplus48,paper --workdir=DIR \
       --config.fed.layout=fixed --config.fed.unroll=False --config.fed.vmap_width=8 \
