@@ -349,6 +349,28 @@ def test_fedaffect_encoder_from_a_supervised_run_and_from_a_fedaffect_run(tmp_pa
         init_lib.initialize(fresh, {"path": tmp_path / "fa"})
 
 
+def test_fedaffect_4stage_encoder_takes_the_supervised_4stage_classifier(tmp_path, make_config):
+    """model=small_cnn_4stage is configs/supervised.py's small_cnn with GroupNorm, its last pool
+    left out: every conv and norm of that classifier initialises both FedAffect encoders."""
+    sup = make_config("supervised", "data=fer2013", **{"model.kwargs.norm": "group"})
+    stored = _random(_shapes(models.get_model(sup.model.name, num_classes=7,
+                                              **sup.model.kwargs), (1, 48, 48, 1)), 1)
+    _save(tmp_path / "sup", 3, _state("centralized", stored))
+    config = make_config("fedaffect", "data=fer2013,representation=none,model=small_cnn_4stage")
+    config.init.update(path=str(tmp_path / "sup"), dst="rep/encoder", skip="dense|head")
+    rep_model, few_model = fedaffect.build_models(config, 7)
+    rep_vars, few_vars = _random(jax.eval_shape(
+        lambda: fedaffect.init_variables(config, rep_model, few_model, 7)), 2)
+    rep, few = fedaffect.apply_init(config, rep_vars, few_vars)
+    body = {k: v for k, v in stored["params"].items() if k not in ("dense", "head")}
+    assert sorted(body) == sorted(few["params"]["encoder"])
+    _assert_equal(few["params"]["encoder"], body)
+    _assert_equal(rep["params"]["encoder"], body)
+    maps = few_model.apply(few, jnp.zeros((2, 48, 48, 1)), train=False,
+                           method=few_model.features)
+    assert maps.shape == (2, 6, 6, 192)  # the relation module's input: 6x6, not 3x3
+
+
 def test_vfer_backbone_from_config_init_and_model_weights(tmp_path, make_config):
     config = make_config("vfer", "runlocal")
     assert config.model.width == WIDTH
