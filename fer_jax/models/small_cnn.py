@@ -86,7 +86,7 @@ class SmallCNN(nn.Module):
     def __call__(self, x: Array, *, train: bool) -> dict[str, Array]:
         x = layers.check_images(x)
         pools = len(self.widths) - (0 if self.pool_last else 1)
-        min_size = max(2 ** pools, 1)
+        min_size = 2 ** pools
         if x.shape[1] < min_size or x.shape[2] < min_size:
             raise ValueError(f"x spatial size {x.shape[1:3]} is too small for "
                              f"{pools} 2x2 pools (need >= {min_size})")
