@@ -77,8 +77,9 @@ _ENCODERS = {
     # padding into its statistics. With norm='none' (encoder and relation module) the relation
     # scores went constant, 1-shot accuracy at chance (docs/papers.md#fedaffect-groupnorm).
     # The CPU encoder: ~33 MFLOP per 48x48 image forward (one conv at full resolution).
-    # pool_last=False: the last stage unpooled, for deeper encoders (four stages give a 3x3 map
-    # that the relation module would pool to 1x1; docs/results.md#fedaffect-fer2013-4stage).
+    # pool_last (a key here so it can be overridden): False leaves the last stage unpooled, for
+    # deeper encoders (four stages give a 3x3 map that the relation module would pool to 1x1;
+    # docs/results.md#fedaffect-fer2013-4stage).
     "small_cnn": dict(norm="group", widths=(16, 32, 64), convs_per_stage=(1, 2, 2),
                       pool_last=True),
     # The project's four-stage FER-2013 classifier with GroupNorm (configs/supervised.py's

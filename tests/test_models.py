@@ -398,7 +398,6 @@ def test_small_cnn_convs_per_stage():
         models.get_model("small_cnn", num_classes=3, widths=(4, 8), convs_per_stage=(1, 0, 2))
 
 
-
 def test_small_cnn_without_the_last_pool_keeps_the_last_stage_resolution():
     """pool_last=False: the same parameters, feature_map = the pooled model's map before its
     last 2x2 max (so pooling it by NumPy gives the pooled model's map)."""
@@ -418,6 +417,7 @@ def test_small_cnn_without_the_last_pool_keeps_the_last_stage_resolution():
     unpooled.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
     with pytest.raises(ValueError, match="too small for 3 2x2 pools"):
         unpooled.init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)), train=False)
+
 
 def _group_norm_reference(x, groups, scale, bias, eps=1e-5):
     """NumPy GroupNorm (Wu & He 2018, Eq. 1-3): per example and group over (H, W, C / G)."""
