@@ -2,6 +2,7 @@
 class-balanced queries, the shared encoder, the overall accuracy, the paper_protocol preset.
 Each against NumPy references or hand-made cases."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -339,6 +340,29 @@ def test_relation_hidden_units_dead_or_leaky(activation, slope):
                                rtol=1e-4, atol=1e-6)
     if activation == "relu":
         assert np.ptp(out) == 0.0
+
+
+def test_relation_groupnorm_on_a_one_pixel_map_is_an_error():
+    """GroupNorm over 2 values (1x1 map, 64 features in 32 groups) leaves only +-1: the premise,
+    checked on flax's GroupNorm. A 3x3 encoder map is pooled to 1x1 before the second block,
+    so the relation module refuses it (direct and factored paths), naming the fix; a 6x6 map
+    (3x3 at the second block) and norm='none' are accepted."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 1, 1, 64)) * 5.0
+    y = nn.GroupNorm(num_groups=32).apply({"params": {"scale": jnp.ones(64),
+                                                      "bias": jnp.zeros(64)}}, x)
+    np.testing.assert_allclose(np.abs(np.asarray(y)), 1.0, atol=1e-2)  # eps 1e-6
+
+    module = relation.RelationModule(features=64, hidden=8, norm="group")
+    small, ok = jnp.zeros((2, 3, 3, 12)), jnp.zeros((2, 6, 6, 12))
+    with pytest.raises(ValueError, match=r"second block.*2 values per group \(1x1 map.*pool_last"):
+        module.init(jax.random.PRNGKey(0), small)
+    maps = jnp.zeros((3, 3, 3, 6))
+    with pytest.raises(ValueError, match="1x1 map"):
+        module.init(jax.random.PRNGKey(0), maps, maps, method=module.factored)
+    params = module.init(jax.random.PRNGKey(0), ok)
+    assert module.apply(params, ok).shape == (2,)
+    plain = relation.RelationModule(features=64, hidden=8, norm="none")
+    assert plain.apply(plain.init(jax.random.PRNGKey(0), small), small).shape == (2,)
 
 
 def _fc1_input(m, y):

@@ -90,11 +90,31 @@ class RelationModule(nn.Module):
     def head(self, pre: jax.Array, *, logits: bool = False) -> jax.Array:
         """Everything after conv1's affine map: (P, h, w, features) -> (P,) scores (or, with
         `logits`, the pre-sigmoid outputs: the logits of `losses.episode_cross_entropy`)."""
+        self._check_group_size(pre.shape[1:3], "first")
         x = _pool(nn.relu(self.norm1(pre)))
+        self._check_group_size(x.shape[1:3], "second")
         x = _pool(nn.relu(self.norm2(self.conv2(x))))
         x = HIDDEN_ACTIVATIONS[self.hidden_activation](self.fc1(x.reshape(x.shape[0], -1)))
         out = self.fc2(x)[:, 0]
         return out if logits else nn.sigmoid(out)
+
+    def _check_group_size(self, hw, block: str):
+        """GroupNorm over 2 values keeps only their order (+-1): on a 1x1 map with 2 channels per
+        group every pair gets the same features and the same score, and nothing learns (a
+        four-stage encoder's 3x3 map, pooled to 1x1 before the second block, scored exactly
+        1/C on every episode). Shapes are static, so this is a trace-time error."""
+        if self.norm != "group":
+            return
+        groups = math.gcd(layers.GROUPS, self.features)
+        size = hw[0] * hw[1] * (self.features // groups)
+        if size <= 2:
+            raise ValueError(
+                f"RelationModule: the {block} block's GroupNorm would normalize {size} values per "
+                f"group ({hw[0]}x{hw[1]} map, {self.features} features in {groups} groups), "
+                f"which leaves only +-1 (which of the two is larger), so every pair would score "
+                f"the same; give the relation module a larger feature map (small_cnn without "
+                f"its last pool: config model.kwargs.pool_last=False; larger data.image_size) or "
+                f"no norm (model.relation_norm='none')")
 
     def factored(self, class_maps: jax.Array, query_maps: jax.Array, *,
                  logits: bool = False) -> jax.Array:
