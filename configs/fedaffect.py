@@ -120,9 +120,11 @@ def get_config(arg=None):
     config.model = ml_collections.ConfigDict()
     config.model.name = "small_cnn" if small else arg.model
     config.model.kwargs = ml_collections.ConfigDict(_ENCODERS[arg.model])
-    if arg.runlocal:
-        stages = len(config.model.kwargs.get("widths", (0, 0, 0)))
+    if arg.runlocal and small:
+        stages = len(config.model.kwargs.widths)
         config.model.kwargs.widths = (8, 16, 32, 64)[:stages]
+    elif arg.runlocal:
+        config.model.kwargs.width = 8  # ResNet's first stage; runlocal is a smoke test.
     config.model.projector_hidden = 256
     config.model.projector_out = 128
     config.model.relation_features = 64  # Sung et al. 2018.

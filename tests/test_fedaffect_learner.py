@@ -284,6 +284,23 @@ def test_paper_protocol_preset_and_defaults(make_config):
     fedaffect.validate_config(paper_fer)
 
 
+@pytest.mark.parametrize("arg", ["runlocal", "runlocal,model=small_cnn_4stage",
+                                 "runlocal,model=resnet18", "runlocal,model=resnet50v2",
+                                 "data=fer2013,model=small_cnn_4stage"])
+def test_every_encoder_preset_builds_a_relation_module_that_accepts_its_map(make_config, arg):
+    """Each model= preset (runlocal too) gives the relation module a map of at least 2x2 at
+    its second block (the GroupNorm guard above would refuse a smaller one). Shapes only."""
+    config = make_config("fedaffect", arg)
+    _, few = fedaffect.build_models(config, 7)
+    size, channels = config.data.image_size, config.data.channels
+    x, labels = jnp.zeros((7, size, size, channels)), jnp.arange(7)
+    variables = jax.eval_shape(lambda: few.init(jax.random.PRNGKey(0), x, labels, x,
+                                                train=False))
+    maps = jax.eval_shape(lambda v: few.apply(v, x, train=False, method=few.features),
+                          variables)
+    assert min(maps.shape[1:3]) >= 4, maps.shape
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("fewshot.loss", "hinge", "fewshot.loss"),
     ("fewshot.head", "matching", "fewshot.head"),
