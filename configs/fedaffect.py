@@ -13,6 +13,17 @@ Encoder ablation on CK+ (SimCLR encoder vs random encoder vs centralized):
   ... :data=ckplus48,representation=none   ... :data=ckplus48,mode=centralized
 FER-2013 in 5 random clients (the paper's Table 2), PrivateTest as the held-out pool:
   python -m fer_jax.main --config=configs/fedaffect.py:data=fer2013 --workdir=/tmp/fa_fer
+FER-2013 at 10% labels, SimCLR encoder vs random encoder (5 seeds: overall 0.358 vs 0.278, every
+seed ahead; docs/results.md#fedaffect-fer2013-simclr30-5seeds): 30 SimCLR rounds (45 min on 2
+cores; measured as the first 30 rounds of a 40-round run, no schedule depends on the total),
+then the few-shot rounds from its encoder (7 min per seed; the random arm leaves out the init
+flags):
+  python -m fer_jax.main --config=configs/fedaffect.py:data=fer2013 --workdir=/tmp/fa_simclr \
+      --config.fed.rounds=30 --config.fedaffect.encoder_sharing=handoff \
+      --config.fewshot.episodes_per_round=1 --config.fedaffect.queries_per_class=1
+  python -m fer_jax.main --config=configs/fedaffect.py:data=fer2013,representation=none \
+      --workdir=/tmp/fa_simclr_s0 --config.seed=0 --config.init.path=/tmp/fa_simclr \
+      --config.init.src=rep/encoder --config.init.dst=rep/encoder
 FER-2013's best measured recipe (1-shot 0.440, 5-shot 0.526, overall 0.547; 41 min on 2 cores;
 docs/results.md#fedaffect-fer2013-4stage): the project's four-stage classifier with GroupNorm,
 frozen here (model=small_cnn_4stage: its layout, the last pool left out):
