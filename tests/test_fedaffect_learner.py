@@ -289,7 +289,8 @@ def test_paper_protocol_preset_and_defaults(make_config):
                                  "data=fer2013,model=small_cnn_4stage"])
 def test_every_encoder_preset_builds_a_relation_module_that_accepts_its_map(make_config, arg):
     """Each model= preset (runlocal too) gives the relation module a map of at least 2x2 at
-    its second block (the GroupNorm guard above would refuse a smaller one). Shapes only."""
+    its second block (the GroupNorm guard, test_relation_groupnorm_on_a_one_pixel_map_is_an_error,
+    would refuse a smaller one). Shapes only."""
     config = make_config("fedaffect", arg)
     _, few = fedaffect.build_models(config, 7)
     size, channels = config.data.image_size, config.data.channels
