@@ -105,7 +105,7 @@ class RelationModule(nn.Module):
         1/C on every episode). Shapes are static, so this is a trace-time error."""
         if self.norm != "group":
             return
-        groups = math.gcd(layers.GROUPS, self.features)
+        groups = self.norm1.num_groups
         size = hw[0] * hw[1] * (self.features // groups)
         if size <= 2:
             raise ValueError(
