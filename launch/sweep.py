@@ -478,17 +478,22 @@ def write_report(root, config_spec: str, records: list[dict], metrics: list[str]
 
 
 def parse_chance(items: list[str], metrics: list[str]) -> dict:
-    """'VALUE' (the first metric) or 'METRIC=VALUE' -> {metric: value}."""
-    out = {}
+    """'VALUE' (every metric) and 'METRIC=VALUE' (that metric, over VALUE) -> {metric: value}."""
+    default, out = None, {}
     for item in items:
         key, _, value = item.rpartition("=")
-        key = key or metrics[0]
         try:
-            out[key] = float(value)
+            number = float(value)
         except ValueError:
             raise SystemExit(f"--chance={item!r}: expected VALUE or METRIC=VALUE") from None
-        if key not in metrics:
+        if not key:
+            default = number
+        elif key not in metrics:
             raise SystemExit(f"--chance={item!r}: {key!r} is not one of --metric {metrics}")
+        else:
+            out[key] = number
+    if default is not None:
+        out = {m: out.get(m, default) for m in metrics}
     return out
 
 
@@ -519,7 +524,8 @@ def main(argv=None) -> int:
     parser.add_argument("--metric", action="append", default=[],
                         help="dotted key into eval.json (repeatable; default test.accuracy)")
     parser.add_argument("--chance", action="append", default=[],
-                        help="chance level drawn dashed: VALUE (first metric) or METRIC=VALUE")
+                        help="chance level drawn dashed on each metric's panel: VALUE (every "
+                             "metric) and/or METRIC=VALUE (that metric)")
     parser.add_argument("--dry_run", action="store_true",
                         help="print the commands of the runs still to do")
     parser.add_argument("--report_only", action="store_true",

@@ -236,7 +236,9 @@ def test_report_errors_name_the_file(tmp_path):
         sweep.report(root, "c", sweep.expand([("x", {})], root, seeds=[0]), ["test.accuracy"])
     with pytest.raises(SystemExit, match="is not one of --metric"):
         sweep.parse_chance(["test.f1=0.1"], ["test.accuracy"])
-    assert sweep.parse_chance(["0.2", "b=0.5"], ["a", "b"]) == {"a": 0.2, "b": 0.5}
+    assert sweep.parse_chance(["0.2", "b=0.5"], ["a", "b", "c"]) == {"a": 0.2, "b": 0.5, "c": 0.2}
+    assert sweep.parse_chance(["b=0.5"], ["a", "b"]) == {"b": 0.5}
+    assert sweep.parse_chance([], ["a"]) == {}
     assert math.isclose(sweep.summarize([1, 2, 3, 4])["std"], math.sqrt(5 / 3))
 
 
